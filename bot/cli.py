@@ -1,0 +1,421 @@
+"""The `recoverybot` command line (DESIGN.md section 7). click parses; `recovery/` decides."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from recovery.errors import ConfigError, RecoveryError
+
+
+def _settings():
+    from recovery.config import load_settings
+
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+def _container(upgrade: bool = False, *, service: bool = False):
+    from bot.wiring import build
+    from recovery import db as dbmod
+
+    settings = _settings()
+    # long-running processes log at LOG_LEVEL; one-shot commands only say what went wrong
+    logging.basicConfig(level=settings.LOG_LEVEL if service else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Bolt logs whole request bodies (customer data) when a signature fails; keep that logger quiet.
+    logging.getLogger("slack_bolt").setLevel(logging.WARNING)
+    if upgrade:
+        dbmod.upgrade(settings.DATABASE_URL)
+    else:
+        _require_schema(settings.DATABASE_URL)
+    return build(settings)
+
+
+def _require_schema(url: str) -> None:
+    from recovery.db import current_revision
+
+    try:
+        rev = current_revision(url)
+    except Exception as exc:  # noqa: BLE001 - report any connection problem plainly
+        raise click.ClickException(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
+    if rev is None:
+        raise click.ClickException("the database has no schema yet: run `recoverybot db upgrade` first")
+
+
+@click.group()
+def main():
+    """Recovery Bot: 2FA support and recovery for a crypto exchange."""
+
+
+# ---- running ---------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--demo/--no-demo", default=True, help="Load demo accounts when the embedded directory is empty.")
+def serve(demo: bool):
+    """Run web and worker in one process (the embedded default)."""
+    from werkzeug.serving import make_server
+
+    from bot.web import create_app
+
+    c = _container(upgrade=True, service=True)
+    if demo and c.settings.ACCOUNT_DIRECTORY == "embedded":
+        _load_demo_if_empty(c)
+    app = create_app(c)
+    server = make_server(c.settings.HOST, c.settings.PORT, app, threaded=True)
+    thread = threading.Thread(target=c.worker.run_forever, name="worker", daemon=True)
+    thread.start()
+    mail = "SMTP " + c.settings.SMTP_URL.split("@")[-1] if c.settings.SMTP_URL else \
+        f"the folder {Path(c.settings.MAIL_OUTBOX_DIR).resolve()}"
+    click.echo(f"Recovery Bot on {c.settings.PUBLIC_BASE_URL}/chat  (database {_safe_url(c.settings.DATABASE_URL)})")
+    click.echo(f"Emails go to {mail}. Approve with: recoverybot cases approve CASE_ID --approver alice")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        c.worker.stop()
+        thread.join(timeout=5)
+
+
+@main.command()
+@click.option("--workers", type=int, default=lambda: int(os.environ.get("WEB_CONCURRENCY", "2")), show_default="WEB_CONCURRENCY or 2")
+def web(workers: int):
+    """Run the web process under gunicorn (production)."""
+    from gunicorn.app.base import BaseApplication
+
+    settings = _settings()
+    _require_schema(settings.DATABASE_URL)
+
+    class App(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"{settings.HOST}:{settings.PORT}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("threads", 8)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("accesslog", "-")
+
+        def load(self):
+            from bot.web import create_app
+
+            return create_app(_container(service=True))
+
+    App().run()
+
+
+@main.command()
+def worker():
+    """Run the worker process: inbox, timers and outbox."""
+    import signal
+
+    c = _container(service=True)
+    signal.signal(signal.SIGTERM, lambda *_: c.worker.stop())
+    c.worker.run_forever()
+
+
+# ---- database and accounts --------------------------------------------------------------------------
+
+@main.group()
+def db():
+    """Database schema."""
+
+
+@db.command("upgrade")
+def db_upgrade():
+    """Create or upgrade the schema (safe to run again)."""
+    from recovery import db as dbmod
+
+    settings = _settings()
+    try:
+        dbmod.upgrade(settings.DATABASE_URL)
+    except Exception as exc:  # noqa: BLE001
+        raise click.ClickException(f"upgrade failed: {type(exc).__name__}: {exc}") from None
+    click.echo(f"schema is at revision {dbmod.current_revision(settings.DATABASE_URL)}")
+
+
+@main.group()
+def accounts():
+    """The embedded account directory."""
+
+
+@accounts.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def accounts_import(file: Path):
+    """Import accounts from FILE.json (format in docs/accounts.md)."""
+    from recovery.directory.importer import load
+
+    c = _embedded_container()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read {file}: {exc}") from None
+    try:
+        records = load(text)
+    except RecoveryError as exc:
+        raise click.ClickException(f"{file}: {exc}; nothing was imported") from None
+    counts = _upsert(c, records)
+    click.echo(f"imported {len(records)} accounts ({counts['created']} created, {counts['updated']} updated)")
+
+
+@main.command("demo-data")
+def demo_data():
+    """Load the demo accounts (alex, mei and sam @example.com)."""
+    c = _embedded_container()
+    counts = _load_demo(c)
+    click.echo(f"demo accounts loaded ({counts['created']} created, {counts['updated']} updated): "
+               "alex@example.com (low risk), mei@example.com (medium), sam@example.com (high)")
+
+
+def _embedded_container():
+    c = _container()
+    if c.settings.ACCOUNT_DIRECTORY != "embedded":
+        raise click.ClickException("accounts are kept by the exchange's backend (ACCOUNT_DIRECTORY=http)")
+    return c
+
+
+def _upsert(c, records) -> dict:
+    from recovery.directory.embedded import EmbeddedDirectory
+
+    counts = {"created": 0, "updated": 0}
+    with c.db.transaction() as s:
+        directory = EmbeddedDirectory(s, keyring=c.keyring, clock=c.clock)
+        for rec in records:
+            counts[directory.upsert(rec)] += 1
+    return counts
+
+
+def _load_demo(c) -> dict:
+    from recovery.directory.demo import demo_accounts
+    from recovery.directory.importer import validate
+
+    records = [validate(json.loads(json.dumps(r, default=lambda d: d.isoformat())), f"demo[{i}]")
+               for i, r in enumerate(demo_accounts(c.clock.now()))]
+    return _upsert(c, records)
+
+
+def _load_demo_if_empty(c) -> None:
+    from sqlalchemy import func, select
+
+    from recovery.models import Account
+
+    with c.db.transaction() as s:
+        empty = s.scalar(select(func.count(Account.id))) == 0
+    if empty:
+        _load_demo(c)
+        click.echo("loaded demo accounts: alex@example.com, mei@example.com, sam@example.com")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# ---- cases --------------------------------------------------------------------------------------------
+
+@main.group()
+def cases():
+    """Recovery cases, and local approvals while Slack is not configured."""
+
+
+@cases.command("list")
+@click.option("--state", help="Only cases in this state.")
+@click.option("--limit", type=int, default=50, show_default=True)
+def cases_list(state, limit):
+    """List recent cases."""
+    from sqlalchemy import select
+
+    from recovery.models import Case
+
+    c = _container()
+    with c.db.transaction() as s:
+        query = select(Case).order_by(Case.created_at.desc()).limit(limit)
+        if state:
+            query = query.where(Case.state == state)
+        rows = s.scalars(query).all()
+        if not rows:
+            click.echo("no cases")
+        for case in rows:
+            click.echo(f"{case.id}  {case.state:<18} risk={case.risk_level or '-':<6} "
+                       f"account={case.account_id or '-':<12} opened={case.created_at:%Y-%m-%d %H:%M}Z "
+                       f"via {case.channel}")
+
+
+@cases.command("show")
+@click.argument("case_id")
+def cases_show(case_id):
+    """Show a case: state, checks, risk, approvals and the audit trail."""
+    from sqlalchemy import select
+
+    from recovery import audit, timers
+    from recovery.cases import CaseService
+    from recovery.models import Approval
+
+    c = _container()
+    with c.db.transaction() as s:
+        svc = CaseService(s, c.deps)
+        try:
+            case = svc.get(case_id)
+        except RecoveryError as exc:
+            raise click.ClickException(str(exc)) from None
+        profile = svc.directory.get(case.account_id) if case.account_id else None
+        click.echo(f"case {case.id}: {case.state}" + (f" ({case.final_reason})" if case.final_reason else ""))
+        click.echo(f"  account: {case.account_id or '(none matched)'}  email: "
+                   f"{_mask(profile.email) if profile else '-'}")
+        click.echo(f"  opened {case.created_at:%Y-%m-%d %H:%M:%S}Z by {case.opened_by} via {case.channel}")
+        click.echo(f"  risk: {case.risk_level or '-'}" + (f" ({', '.join(case.risk_reasons)})" if case.risk_reasons else ""))
+        click.echo("  checks:")
+        for chk in svc.checks(case):
+            click.echo(f"    {chk.name:<17} {chk.result:<13} {json.dumps(chk.evidence, ensure_ascii=False)}")
+        approvals = s.scalars(select(Approval).where(Approval.case_id == case.id).order_by(Approval.at)).all()
+        if approvals:
+            click.echo("  decisions:")
+            for a in approvals:
+                click.echo(f"    {a.at:%Y-%m-%d %H:%M:%S}Z {a.approver} {a.decision}" + (f": {a.reason}" if a.reason else ""))
+        pending = timers.pending(s, case.id)
+        if pending:
+            click.echo("  timers:")
+            for t in pending:
+                click.echo(f"    {t.kind:<20} due {t.due_at:%Y-%m-%d %H:%M:%S}Z")
+        click.echo("  audit trail:")
+        for rec in audit.trail(s, case.id):
+            click.echo(f"    {rec.at:%Y-%m-%d %H:%M:%S}Z {rec.event:<17} {rec.from_state or '-'} -> "
+                       f"{rec.to_state or '-'} by {rec.actor} ({rec.channel})" + (f": {rec.reason}" if rec.reason else ""))
+
+
+def _mask(email: str) -> str:
+    name, _, domain = email.partition("@")
+    return f"{name[:1]}{'*' * max(1, len(name) - 1)}@{domain}"
+
+
+def _decide(case_id, approver, decision, reason=None, code=None):
+    c = _container()
+    if c.settings.slack_enabled:
+        raise click.ClickException("Slack approvals are configured; decide in Slack instead")
+    try:
+        case = c.recovery.decide(case_id, approver=approver, decision=decision, reason=reason,
+                                 step_up_code=code, channel="cli")
+    except RecoveryError as exc:
+        raise click.ClickException(f"refused: {exc}") from None
+    c.worker.drain()  # deliver the resulting emails and messages now
+    with c.recovery.service() as svc:
+        click.echo(f"case {case.id} is now {svc.get(case.id).state}")
+
+
+@cases.command("approve")
+@click.argument("case_id")
+@click.option("--approver", required=True, help="Your approver name (LOCAL_APPROVERS).")
+@click.option("--code", help="A current code from your own authenticator, when policy asks for step-up.")
+def cases_approve(case_id, approver, code):
+    """Approve a case as a local approver."""
+    _decide(case_id, approver, "approve", code=code)
+
+
+@cases.command("deny")
+@click.argument("case_id")
+@click.option("--approver", required=True)
+@click.option("--reason", required=True, help="Why; the owner is told.")
+def cases_deny(case_id, approver, reason):
+    """Deny a case as a local approver."""
+    _decide(case_id, approver, "deny", reason=reason)
+
+
+# ---- audit, approvers, outbox ----------------------------------------------------------------------------
+
+@main.group()
+def audit():
+    """The hash-chained audit log."""
+
+
+@audit.command("verify")
+def audit_verify():
+    """Check every audit record against the chain; exit 1 at the first broken one."""
+    from recovery import audit as auditmod
+
+    c = _container()
+    with c.db.transaction() as s:
+        result = auditmod.verify(s)
+    if result.ok:
+        click.echo(f"audit log intact: {result.checked} records")
+        return
+    click.echo(f"audit log BROKEN at record {result.broken_id}: {result.problem} "
+               f"({result.checked} records before it are intact)", err=True)
+    sys.exit(1)
+
+
+@main.group()
+def approvers():
+    """Approvers' own step-up authenticators."""
+
+
+@approvers.command("enroll")
+@click.argument("approver_id")
+@click.option("--svg", type=click.Path(dir_okay=False, path_type=Path), help="Also write the QR code to this SVG file.")
+@click.option("--code", help="Confirm with a code from the app (otherwise you are asked).")
+def approvers_enroll(approver_id, svg, code):
+    """Enroll APPROVER_ID's own TOTP for step-up approvals."""
+    import segno
+
+    from recovery import approvers as approvers_mod
+
+    c = _container()
+    secret = approvers_mod.new_secret()
+    uri = approvers_mod.uri(secret, approver_id, c.settings.BRAND_NAME)
+    qr = segno.make(uri, error="m")
+    qr.terminal(compact=True)
+    click.echo(f"setup key: {secret}")
+    if svg:
+        qr.save(str(svg), kind="svg", scale=5)
+        click.echo(f"QR code written to {svg}")
+    code = code or click.prompt("code shown by the app")
+    try:
+        approvers_mod.enroll(c.db, c.keyring, c.clock, approver_id, secret, code)
+    except RecoveryError as exc:
+        raise click.ClickException(f"not enrolled: {exc}") from None
+    click.echo(f"{approver_id} enrolled for step-up approvals")
+
+
+@main.group()
+def outbox():
+    """Outgoing messages: list dead ones and retry them."""
+
+
+@outbox.command("list")
+@click.option("--status", type=click.Choice(["pending", "sent", "dead"]), default="dead", show_default=True)
+def outbox_list(status):
+    from sqlalchemy import select
+
+    from recovery.models import OutboxMessage
+
+    c = _container()
+    with c.db.transaction() as s:
+        rows = s.scalars(select(OutboxMessage).where(OutboxMessage.status == status)
+                         .order_by(OutboxMessage.id).limit(200)).all()
+        if not rows:
+            click.echo(f"no {status} messages")
+        for m in rows:
+            click.echo(f"{m.id}  {m.kind:<6} {m.idempotency_key}  attempts={m.attempts}  "
+                       f"last_error={m.last_error or '-'}")
+
+
+@outbox.command("retry")
+@click.argument("message_id", required=False, type=int)
+@click.option("--all", "all_", is_flag=True, help="Retry every dead message.")
+def outbox_retry(message_id, all_):
+    from recovery.outbox import retry_dead
+
+    if not message_id and not all_:
+        raise click.UsageError("give a MESSAGE_ID or --all")
+    c = _container()
+    with c.db.transaction() as s:
+        n = retry_dead(s, None if all_ else message_id, c.clock.now())
+    if n == 0:
+        raise click.ClickException("no dead message with that id")
+    click.echo(f"{n} message(s) queued again")

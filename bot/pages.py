@@ -1,0 +1,85 @@
+"""The enroll and cancel pages. Tokens travel in the URL, so every response forbids caching and
+referrers; GET never changes anything (mail scanners prefetch links), only POST does."""
+from __future__ import annotations
+
+import segno
+from flask import Blueprint, current_app, request
+
+from recovery.errors import ClockOutOfSync, CodeReused, NotFound, TokenError, TotpError, WrongPassword
+
+bp = Blueprint("pages", __name__)
+
+TOKEN_STATUS = {"unknown": 404, "used": 410, "expired": 410, "revoked": 410, "case_closed": 410,
+                "step_out_of_order": 409}
+
+
+def _c():
+    return current_app.extensions["recoverybot"]
+
+
+def _lang(default: str = "en") -> str:
+    lang = request.args.get("lang") or request.form.get("lang")
+    return lang if lang in ("en", "zh-TW") else default
+
+
+def _link_error(exc: TokenError, locale: str):
+    return _c().renderer.page("link_error", locale, reason=exc.reason), TOKEN_STATUS.get(exc.reason, 400)
+
+
+def _setup_page(view, locale: str, error: str | None = None, status: int = 200, **extra):
+    qr = segno.make(view.uri, error="m").svg_inline(scale=5, dark="#1b1f24")
+    key = " ".join(view.secret[i:i + 4] for i in range(0, len(view.secret), 4))
+    return _c().renderer.page("enroll_setup", locale, qr_svg=qr, setup_key=key, error=error, **extra), status
+
+
+@bp.route("/enroll/<token>", methods=["GET", "POST"])
+def enroll(token: str):
+    c = _c()
+    try:
+        view = c.recovery.enroll_view(token)
+    except TokenError as exc:
+        return _link_error(exc, _lang())
+    locale = _lang(view.locale)
+    if request.method == "GET":
+        if view.step == "password":
+            return c.renderer.page("enroll_password", locale)
+        view = c.recovery.start_setup(token, None) if view.secret is None else view
+        return _setup_page(view, locale)
+    step = request.form.get("step", "")
+    try:
+        if step == "password":
+            view = c.recovery.start_setup(token, request.form.get("password", ""))
+            return _setup_page(view, locale)
+        if step == "confirm":
+            codes = c.recovery.confirm_enroll(token, request.form.get("code", ""))
+            return c.renderer.page("enroll_done", locale, codes=codes)
+    except TokenError as exc:
+        return _link_error(exc, locale)
+    except WrongPassword:
+        c.metrics.failure("enroll_wrong_password")
+        return c.renderer.page("enroll_password", locale, error="wrong_password"), 401
+    except TotpError as exc:
+        reason = ("clock_off" if isinstance(exc, ClockOutOfSync)
+                  else "code_reused" if isinstance(exc, CodeReused) else "wrong_code")
+        c.metrics.failure(f"enroll_{reason}")
+        try:
+            view = c.recovery.enroll_view(token)
+        except TokenError as closed:  # too many failures closed the link
+            return _link_error(closed, locale)
+        drift = getattr(exc, "drift_seconds", 0)
+        return _setup_page(view, locale, error=reason, status=400, drift=abs(drift))
+    return c.renderer.page("link_error", locale, reason="bad_step"), 400
+
+
+@bp.route("/cancel/<token>", methods=["GET", "POST"])
+def cancel(token: str):
+    c = _c()
+    try:
+        case = c.recovery.cancel_view(token)
+    except (TokenError, NotFound) as exc:
+        return _link_error(exc if isinstance(exc, TokenError) else TokenError("unknown"), _lang())
+    locale = _lang(case.locale)
+    if request.method == "GET":
+        return c.renderer.page("cancel_confirm", locale, case_id=case.id, state=case.state)
+    outcome = c.recovery.cancel_by_owner(token)
+    return c.renderer.page("cancel_done", locale, outcome=outcome, case_id=case.id)

@@ -1,0 +1,72 @@
+"""The Flask app: routes of the external contract (DESIGN.md section 7) and error handling."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from bot import pages, webchat
+from bot.http import ApiError
+
+log = logging.getLogger(__name__)
+MAX_BODY = 256 * 1024
+
+
+def create_app(container) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.extensions["recoverybot"] = container
+    app.register_blueprint(webchat.bp)
+    app.register_blueprint(pages.bp)
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify(status="ok")
+
+    @app.get("/readyz")
+    def readyz():
+        try:
+            container.db.ping()
+        except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
+            return jsonify(status="unavailable", error=type(exc).__name__), 503
+        return jsonify(status="ok")
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(container.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    @app.get("/")
+    def index():
+        return Response(status=302, headers={"Location": "/chat"})
+
+    @app.after_request
+    def headers(resp):
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        if request.path.startswith(("/enroll/", "/cancel/", "/chat/api/")):
+            resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    def wants_json() -> bool:
+        return request.path.startswith(("/chat/api/", "/webhooks/", "/slack/")) or request.is_json
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return jsonify(error=exc.code, message=exc.message), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if wants_json():
+            return jsonify(error=exc.name.lower().replace(" ", "_"), message=exc.description), exc.code
+        return container.renderer.page("error", "en", status=exc.code, title=exc.name), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        if wants_json():
+            return jsonify(error="internal_error", message="something went wrong; it was logged"), 500
+        return container.renderer.page("error", "en", status=500, title="Internal error"), 500
+
+    return app

@@ -1,0 +1,149 @@
+"""The built-in web chat: a page at /chat and its JSON API (a contract other tools rely on).
+
+POST /chat/api/sessions                      -> 201 {"session_id", "messages"}
+POST /chat/api/sessions/{id}/messages {text} -> 202 (stored in the inbox; the worker replies)
+GET  /chat/api/sessions/{id}/messages?after= -> {"messages": [{"seq", "sender", "text", "buttons"}]}
+"""
+from __future__ import annotations
+
+import secrets
+import uuid
+
+from flask import Blueprint, current_app, jsonify, request
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from bot.http import ApiError, json_body
+from bot.templates import pick_locale
+from recovery import inbox
+from recovery.dialog import redact_codes
+from recovery.models import ChatMessage, ChatSession
+from recovery.outbox import Outgoing, PermanentFailure
+
+MAX_TEXT = 2000
+MAX_PAGE = 200
+
+bp = Blueprint("webchat", __name__)
+
+
+def _c():
+    return current_app.extensions["recoverybot"]
+
+
+def _message_json(m: ChatMessage) -> dict:
+    return {"seq": m.seq, "sender": m.sender, "text": m.text, "buttons": m.buttons or []}
+
+
+@bp.get("/chat")
+def page():
+    c = _c()
+    locale = pick_locale(request.accept_languages.best_match(["en", "zh-TW", "zh"]) or "en")
+    return c.renderer.page("chat", locale)
+
+
+@bp.post("/chat/api/sessions")
+def create_session():
+    c = _c()
+    body = json_body(optional=True)
+    locale = body.get("locale", "en")
+    if not isinstance(locale, str):
+        raise ApiError(400, "bad_locale", "locale must be a string such as 'en' or 'zh-TW'")
+    locale = pick_locale(locale)
+    session_id = secrets.token_urlsafe(18)
+    now = c.clock.now()
+    with c.db.transaction() as s:
+        s.add(ChatSession(id=session_id, locale=locale, created_at=now))
+        greeting = ChatMessage(session_id=session_id, sender="bot", text=c.renderer.chat("menu", locale),
+                               buttons=_buttons(c.renderer, locale, ["lost_authenticator", "what_is_2fa"]),
+                               created_at=now)
+        s.add(greeting)
+        s.flush()
+        messages = [_message_json(greeting)]
+    return jsonify(session_id=session_id, messages=messages), 201
+
+
+@bp.post("/chat/api/sessions/<session_id>/messages")
+def post_message(session_id: str):
+    c = _c()
+    body = json_body()
+    text = body.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(400, "bad_text", 'send {"text": "..."} with a non-empty string')
+    if len(text) > MAX_TEXT:
+        raise ApiError(413, "text_too_long", f"a message may have at most {MAX_TEXT} characters")
+    client_id = body.get("client_id")
+    if client_id is not None and (not isinstance(client_id, str) or not 1 <= len(client_id) <= 100):
+        raise ApiError(400, "bad_client_id", "client_id must be a string of 1 to 100 characters")
+    now = c.clock.now()
+    conversation = f"webchat:{session_id}"
+    delivery_key = f"{conversation}:{client_id or uuid.uuid4().hex}"
+    try:
+        with c.db.transaction() as s:
+            chat = s.get(ChatSession, session_id)
+            if chat is None:
+                raise ApiError(404, "unknown_session", "no chat session with that id; create one first")
+            # The transcript keeps a redacted copy; the inbox keeps the text encrypted until processed.
+            stored = inbox.add(s, source="webchat", delivery_key=delivery_key, conversation_key=conversation,
+                               now=now, payload={"session_id": session_id, "text_enc": c.keyring.encrypt(text),
+                                                 "ip": request.remote_addr, "locale": chat.locale})
+            if stored:
+                s.add(ChatMessage(session_id=session_id, sender="customer", text=redact_codes(text),
+                                  buttons=[], created_at=now))
+    except IntegrityError:
+        stored = False
+    c.metrics.inbox("webchat", "stored" if stored else "duplicate")
+    return jsonify(accepted=True, duplicate=not stored), 202
+
+
+@bp.get("/chat/api/sessions/<session_id>/messages")
+def list_messages(session_id: str):
+    c = _c()
+    after = request.args.get("after", "0")
+    if not after.isdigit():
+        raise ApiError(400, "bad_after", "after must be a non-negative whole number (a seq)")
+    with c.db.transaction() as s:
+        if s.get(ChatSession, session_id) is None:
+            raise ApiError(404, "unknown_session", "no chat session with that id")
+        rows = s.scalars(select(ChatMessage).where(ChatMessage.session_id == session_id,
+                                                   ChatMessage.seq > int(after))
+                         .order_by(ChatMessage.seq).limit(MAX_PAGE)).all()
+        return jsonify(messages=[_message_json(m) for m in rows])
+
+
+def _buttons(renderer, locale: str, keys) -> list[dict]:
+    return [{"label": renderer.button(k, locale), "text": renderer.button(k, locale)} for k in keys]
+
+
+class WebChatSender:
+    """Delivers bot replies for `webchat:` conversations into the transcript."""
+
+    def __init__(self, db, renderer, clock):
+        self.db, self.renderer, self.clock = db, renderer, clock
+
+    def send(self, message: Outgoing) -> None:
+        p = message.payload
+        session_id = p["conversation"].split(":", 1)[1]
+        text = self.renderer.chat(p["message"], p["locale"], p.get("context", {}))
+        try:
+            with self.db.transaction() as s:
+                if s.scalar(select(ChatMessage.seq).where(ChatMessage.source_key == message.idempotency_key)):
+                    return
+                s.add(ChatMessage(session_id=session_id, sender="bot", text=text,
+                                  buttons=_buttons(self.renderer, p["locale"], p.get("buttons", [])),
+                                  source_key=message.idempotency_key, created_at=self.clock.now()))
+        except IntegrityError:
+            return  # delivered by a racing attempt
+
+
+class ChatRouter:
+    """Routes a chat message to its channel by the conversation key's prefix."""
+
+    def __init__(self, senders: dict):
+        self.senders = senders
+
+    def send(self, message: Outgoing) -> None:
+        prefix = message.payload["conversation"].split(":", 1)[0]
+        sender = self.senders.get(prefix)
+        if sender is None:
+            raise PermanentFailure(f"no channel for conversation prefix {prefix!r}")
+        sender.send(message)

@@ -1,0 +1,82 @@
+"""The composition root: the one place where settings choose each service's implementation."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from bot.inbound import make_handler
+from bot.mail import FolderMailer, SmtpMailer
+from bot.metrics import Metrics
+from bot.staff import ConsoleStaffNotifier
+from bot.templates import Renderer
+from bot.webchat import ChatRouter, WebChatSender
+from bot.worker import Worker
+from recovery.app import Recovery
+from recovery.clock import Clock
+from recovery.config import Settings
+from recovery.crypto import Keyring
+from recovery.db import Database
+from recovery.deps import Deps
+from recovery.directory.embedded import EmbeddedDirectory
+from recovery.outbox import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Container:
+    settings: Settings
+    clock: Clock
+    db: Database
+    keyring: Keyring
+    renderer: Renderer
+    metrics: Metrics
+    deps: Deps
+    recovery: Recovery
+    dispatcher: Dispatcher
+    worker: Worker
+    senders: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.db.dispose()
+
+
+def directory_factory(settings: Settings, keyring: Keyring, clock: Clock):
+    if settings.ACCOUNT_DIRECTORY == "http":
+        from recovery.directory.http import HttpDirectory
+
+        shared = HttpDirectory(base_url=settings.ACCOUNT_API_URL, token=settings.ACCOUNT_API_TOKEN)
+        return lambda session: shared
+    return lambda session: EmbeddedDirectory(session, keyring=keyring, clock=clock)
+
+
+def build(settings: Settings, *, clock: Clock | None = None, db: Database | None = None) -> Container:
+    clock = clock or Clock()
+    db = db or Database(settings.DATABASE_URL)
+    keyring = Keyring(settings.secret_key())
+    renderer = Renderer(override_dir=settings.TEMPLATES_DIR or None,
+                        globals={"brand_name": settings.BRAND_NAME, "support_email": settings.SUPPORT_EMAIL})
+    metrics = Metrics()
+    deps = Deps(policy=settings.policy, keyring=keyring, clock=clock,
+                directory_for=directory_factory(settings, keyring, clock),
+                public_base_url=settings.PUBLIC_BASE_URL,
+                approver_ids=frozenset(settings.approver_ids()),
+                security_approver_ids=frozenset(settings.security_approver_ids()),
+                brand_name=settings.BRAND_NAME)
+    recovery = Recovery(db, deps)
+    if settings.SMTP_URL:
+        mailer = SmtpMailer(settings.SMTP_URL, mail_from=settings.MAIL_FROM, renderer=renderer)
+    else:
+        mailer = FolderMailer(settings.MAIL_OUTBOX_DIR, mail_from=settings.MAIL_FROM, renderer=renderer)
+    senders = {
+        "email": mailer,
+        "chat": ChatRouter({"webchat": WebChatSender(db, renderer, clock)}),
+        "staff": ConsoleStaffNotifier(),
+    }
+    dispatcher = Dispatcher(db, keyring=keyring, senders=senders, clock=clock, metrics=metrics)
+    worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher, handler=make_handler(deps, keyring),
+                    clock=clock)
+    return Container(settings=settings, clock=clock, db=db, keyring=keyring, renderer=renderer,
+                     metrics=metrics, deps=deps, recovery=recovery, dispatcher=dispatcher, worker=worker,
+                     senders=senders)

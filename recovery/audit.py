@@ -1,0 +1,83 @@
+"""The hash-chained audit log.
+
+Each record's hash covers its fields and the previous record's hash; `audit_head` keeps the newest
+id and hash, so editing, deleting or truncating records is found by `verify()`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from recovery.models import AuditHead, AuditRecord
+
+GENESIS = "0" * 64
+
+
+def _digest(prev_hash: str, fields: dict) -> str:
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+def _fields(rec: AuditRecord) -> dict:
+    return {"id": rec.id, "case_id": rec.case_id, "event": rec.event, "from": rec.from_state,
+            "to": rec.to_state, "actor": rec.actor, "channel": rec.channel, "reason": rec.reason,
+            "at": rec.at.isoformat(timespec="microseconds")}
+
+
+def append(session: Session, *, case_id: str, event: str, from_state: str | None,
+           to_state: str | None, actor: str, channel: str, reason: str | None, at: datetime) -> AuditRecord:
+    if session.get_bind().dialect.name == "postgresql":
+        # appends are serialised so the chain never forks; SQLite already has one writer at a time
+        session.execute(text("SELECT pg_advisory_xact_lock(9137001)"))
+    head = session.get(AuditHead, 1, with_for_update=True)
+    prev_hash = head.last_hash if head else GENESIS
+    rec = AuditRecord(case_id=case_id, event=event, from_state=from_state, to_state=to_state,
+                      actor=actor, channel=channel, reason=(reason or None) and reason[:1000],
+                      at=at, prev_hash=prev_hash, hash="")
+    session.add(rec)
+    session.flush()  # assigns the id, which the hash covers
+    rec.hash = _digest(prev_hash, _fields(rec))
+    if head is None:
+        session.add(AuditHead(id=1, last_id=rec.id, last_hash=rec.hash))
+    else:
+        head.last_id, head.last_hash = rec.id, rec.hash
+    session.flush()
+    return rec
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    checked: int
+    broken_id: int | None = None
+    problem: str | None = None
+
+
+def verify(session: Session) -> VerifyResult:
+    prev_hash, count, last_id = GENESIS, 0, None
+    for rec in session.scalars(select(AuditRecord).order_by(AuditRecord.id)).yield_per(1000):
+        if rec.prev_hash != prev_hash:
+            return VerifyResult(False, count, rec.id,
+                                "link to the previous record is broken (a record before it was "
+                                "deleted or edited)")
+        if _digest(prev_hash, _fields(rec)) != rec.hash:
+            return VerifyResult(False, count, rec.id, "record content does not match its hash (edited)")
+        prev_hash, last_id = rec.hash, rec.id
+        count += 1
+    head = session.get(AuditHead, 1)
+    if head is None and count:
+        return VerifyResult(False, count, None, "the chain head is missing")
+    if head is not None and (head.last_id != last_id or head.last_hash != prev_hash):
+        return VerifyResult(False, count, head.last_id,
+                            "the newest records were deleted (the chain head points past the end)")
+    return VerifyResult(True, count)
+
+
+def trail(session: Session, case_id: str) -> list[AuditRecord]:
+    return list(session.scalars(select(AuditRecord).where(AuditRecord.case_id == case_id)
+                                .order_by(AuditRecord.id)))

@@ -1,0 +1,325 @@
+"""The recovery case service: opening, identity checks, risk, approvals and timers.
+
+Every method runs inside the caller's transaction (one unit of work): the state change, its audit
+record and the messages it causes commit together or not at all.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from recovery import audit, checks, machine, timers, totp
+from recovery.checks import FAIL, PASS, PENDING
+from recovery.crypto import new_email_code
+from recovery.deps import Deps
+from recovery.errors import (ApprovalRefused, IllegalTransition, LimitReached, NotFound, StepUpRequired,
+                             TotpError)
+from recovery.machine import OPEN, State
+from recovery.models import Approval, Approver, Case, CaseCheck, EmailCode, LinkToken
+from recovery.notify import Notifier
+from recovery.risk import assess
+
+log = logging.getLogger(__name__)
+CODE_OK, CODE_WRONG, CODE_EXPIRED, CODE_LOCKED = "ok", "wrong", "expired", "locked"
+
+
+@dataclass(frozen=True)
+class CodeOutcome:
+    status: str
+    remaining: int = 0
+
+
+def new_case_id() -> str:
+    alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+    return "RC-" + "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+class CaseService:
+    def __init__(self, session: Session, deps: Deps):
+        self.s, self.deps = session, deps
+        self.now = deps.clock.now()
+        self.policy = deps.policy
+        self.directory = deps.directory_for(session)
+        self.notify = Notifier(session, deps.keyring, deps.public_base_url, self.now)
+
+    # ---- lookups -----------------------------------------------------------------------------
+
+    def get(self, case_id: str, *, lock: bool = False) -> Case:
+        query = select(Case).where(Case.id == case_id)
+        if lock:
+            query = query.with_for_update()
+        case = self.s.scalar(query)
+        if case is None:
+            raise NotFound("case", case_id)
+        return case
+
+    def check(self, case: Case, name: str) -> CaseCheck | None:
+        return self.s.scalar(select(CaseCheck).where(CaseCheck.case_id == case.id, CaseCheck.name == name))
+
+    def set_check(self, case: Case, name: str, result: str, evidence: dict) -> None:
+        row = self.check(case, name)
+        if row is None:
+            row = CaseCheck(case_id=case.id, name=name)
+            self.s.add(row)
+        row.result, row.evidence, row.updated_at = result, evidence, self.now
+
+    def checks(self, case: Case) -> list[CaseCheck]:
+        return list(self.s.scalars(select(CaseCheck).where(CaseCheck.case_id == case.id).order_by(CaseCheck.id)))
+
+    def _fire(self, case: Case, event: str, *, actor: str = "system", channel: str = "system",
+              reason: str | None = None) -> None:
+        machine.fire(self.s, case, event, actor=actor, channel=channel, now=self.now, reason=reason)
+        log.info("case %s: %s -> %s (%s)", case.id, event, case.state, actor)
+
+    def _owner(self, case: Case):
+        return self.directory.get(case.account_id) if case.account_id else None
+
+    # ---- opening and the email code ------------------------------------------------------------
+
+    def open(self, *, conversation_key: str, channel: str, email: str, locale: str,
+             opened_by: str = "customer", verified_account_id: str | None = None) -> Case:
+        """Open a case for the account registered under `email`.
+
+        The customer sees the same thing whether or not the address is registered: an unknown address
+        (or one whose account may not open another case) gets a case with no account, which can never
+        pass its code check.
+        """
+        profile = self.directory.find_by_email(email)
+        decoy_reason = None
+        if profile is None:
+            decoy_reason = "unknown_email"
+        else:
+            open_count = self.s.scalar(select(func.count(Case.id)).where(
+                Case.account_id == profile.id, Case.state.in_([s.value for s in OPEN])))
+            recent = self.s.scalar(select(func.count(Case.id)).where(
+                Case.account_id == profile.id, Case.created_at >= self.now - timedelta(days=30)))
+            if open_count >= self.policy.max_open_cases_per_account:
+                decoy_reason = "case_already_open"
+            elif recent >= self.policy.max_cases_per_30_days:
+                decoy_reason = "too_many_cases"
+        case = Case(id=new_case_id(), state=State.OPENED.value,
+                    account_id=None if decoy_reason else profile.id, channel=channel,
+                    conversation_id=conversation_key, opened_by=opened_by,
+                    locale=locale, risk_reasons=[], created_at=self.now, updated_at=self.now)
+        self.s.add(case)
+        self.s.flush()
+        audit.append(self.s, case_id=case.id, event="open", from_state=None, to_state=case.state,
+                     actor=opened_by, channel=channel, reason=decoy_reason, at=self.now)
+        self._fire(case, "start_checks")
+        verified = bool(profile and verified_account_id == profile.id)
+        self.set_check(case, "verified_session", PASS if verified else FAIL,
+                       {"note": "logged-in chat user" if verified else "not a logged-in user"})
+        self._send_code(case, first=True)
+        timers.schedule_in(self.s, case.id, "verifying_expiry", self.now, hours=self.policy.verifying_ttl_hours)
+        if profile is not None:
+            self.notify.email(case, "reset_requested", to=profile.email, locale=profile.locale,
+                              account_id=profile.id, decoy=bool(decoy_reason))
+        return case
+
+    def _send_code(self, case: Case, *, first: bool = False) -> None:
+        self.s.execute(update(EmailCode).where(EmailCode.case_id == case.id).values(superseded=True))
+        code = new_email_code()
+        expires = self.now + timedelta(minutes=self.policy.code_ttl_minutes)
+        self.s.add(EmailCode(case_id=case.id, code_hash=self.deps.keyring.code_hash(case.id, code),
+                             expires_at=expires))
+        case.code_sends += 1
+        self.set_check(case, "email_code", PENDING, {"sent": case.code_sends, "wrong_tries": case.code_failures})
+        timers.schedule(self.s, case.id, "code_expiry", expires)
+        profile = self._owner(case)
+        if profile is not None:
+            self.notify.email(case, "verification_code", to=profile.email, locale=profile.locale,
+                              account_id=profile.id, with_cancel=False, code=code,
+                              minutes=self.policy.code_ttl_minutes)
+
+    def resend_code(self, case_id: str) -> None:
+        case = self.get(case_id, lock=True)
+        if case.state != State.VERIFYING or self.check(case, "email_code").result == PASS:
+            raise IllegalTransition(case.id, "resend_code", case.state)
+        if case.code_sends > self.policy.code_max_resends:
+            raise LimitReached("code resends")
+        self._send_code(case)
+
+    def submit_code(self, case_id: str, code: str) -> CodeOutcome:
+        case = self.get(case_id, lock=True)
+        email_check = self.check(case, "email_code")
+        if case.state != State.VERIFYING or email_check is None or email_check.result == PASS:
+            raise IllegalTransition(case.id, "submit_code", case.state)
+        code = "".join(code.split())
+        live = self.s.scalar(select(EmailCode).where(EmailCode.case_id == case.id,
+                                                     EmailCode.superseded.is_(False),
+                                                     EmailCode.used_at.is_(None)))
+        if live is not None and self.deps.keyring.code_matches(case.id, code, live.code_hash):
+            if live.expires_at <= self.now:
+                return CodeOutcome(CODE_EXPIRED)
+            live.used_at = self.now
+            self.set_check(case, "email_code", PASS, {"sent": case.code_sends, "wrong_tries": case.code_failures})
+            timers.cancel(self.s, case.id, self.now, kinds=("code_expiry",))
+            self._prepare_facts(case)
+            return CodeOutcome(CODE_OK)
+        case.code_failures += 1
+        self.set_check(case, "email_code", PENDING if case.code_failures < self.policy.code_max_wrong else FAIL,
+                       {"sent": case.code_sends, "wrong_tries": case.code_failures})
+        if case.code_failures >= self.policy.code_max_wrong:
+            self._fire(case, "lock", reason="too many wrong email codes")
+            self._closed(case, "locked")
+            return CodeOutcome(CODE_LOCKED)
+        return CodeOutcome(CODE_WRONG, self.policy.code_max_wrong - case.code_failures)
+
+    # ---- account facts --------------------------------------------------------------------------
+
+    def _prepare_facts(self, case: Case) -> None:
+        profile = self._owner(case)
+        names = checks.facts_to_ask(profile.facts if profile else {}, self.policy.facts_to_ask)
+        self.set_check(case, "account_facts", PENDING, {"questions": names, "answers": {}})
+        if not names:
+            self._finish_checks(case)
+
+    def next_question(self, case: Case) -> str | None:
+        row = self.check(case, "account_facts")
+        if row is None or row.result != PENDING:
+            return None
+        asked = row.evidence.get("answers", {})
+        return next((n for n in row.evidence["questions"] if n not in asked), None)
+
+    def answer_fact(self, case_id: str, answer: str) -> str | None:
+        """Record the answer to the current question; returns the next question, or None when done."""
+        case = self.get(case_id, lock=True)
+        name = self.next_question(case) if case.state == State.VERIFYING else None
+        if name is None:
+            raise IllegalTransition(case.id, "answer_fact", case.state)
+        row = self.check(case, "account_facts")
+        profile = self._owner(case)
+        matched = bool(profile) and checks.fact_matches(name, profile.facts.get(name, ""), answer[:200])
+        evidence = dict(row.evidence, answers=dict(row.evidence["answers"], **{name: matched}))
+        row.evidence = evidence
+        following = self.next_question(case)
+        if following is None:
+            self._finish_checks(case)
+        return following
+
+    def _finish_checks(self, case: Case) -> None:
+        row = self.check(case, "account_facts")
+        result = checks.account_facts_result(row.evidence.get("answers", {}) if row else {})
+        self.set_check(case, "account_facts", result.result, result.evidence)
+        profile = self._owner(case)
+        if profile is None:  # unreachable: a decoy never passes the code check
+            self._fire(case, "reject", reason="no account")
+            return
+        earlier = self.s.scalar(select(func.count(Case.id)).where(
+            Case.account_id == case.account_id, Case.id != case.id,
+            Case.created_at >= self.now - timedelta(days=365)))
+        results = {c.name: c.result for c in self.checks(case)}
+        assessment = assess(profile, policy=self.policy, now=self.now, earlier_cases=earlier,
+                            verified_session=results.get("verified_session") == PASS, check_results=results)
+        case.risk_level, case.risk_reasons = assessment.level, list(assessment.reasons)
+        self._fire(case, "request_approval", reason=f"risk {assessment.level}")
+        timers.cancel(self.s, case.id, self.now, kinds=("verifying_expiry", "code_expiry"))
+        p = self.policy
+        timers.schedule_in(self.s, case.id, "approval_reminder", self.now, minutes=p.approval_reminder_minutes)
+        timers.schedule_in(self.s, case.id, "approval_escalation", self.now, minutes=p.approval_escalation_minutes)
+        timers.schedule_in(self.s, case.id, "approval_expiry", self.now, hours=p.approval_expiry_hours)
+        self.notify.staff(case, "approval_requested", risk=assessment.level, reasons=list(assessment.reasons))
+
+    # ---- approvals -------------------------------------------------------------------------------
+
+    def decide(self, case_id: str, *, approver: str, decision: str, reason: str | None = None,
+               step_up_code: str | None = None, channel: str = "cli") -> Case:
+        """Record one approver's decision; raises ApprovalRefused (or a subclass) and changes nothing."""
+        case = self.get(case_id, lock=True)
+        if approver not in self.deps.approver_ids and approver not in self.deps.security_approver_ids:
+            raise ApprovalRefused(case.id, approver, "not_authorized", f"{approver} is not an approver")
+        if approver == case.opened_by:
+            raise ApprovalRefused(case.id, approver, "initiator",
+                                  "you opened this case for the customer, so someone else must decide")
+        if case.state != State.AWAITING_APPROVAL:
+            raise IllegalTransition(case.id, decision, case.state)
+        if self.s.scalar(select(Approval.id).where(Approval.case_id == case.id, Approval.approver == approver)):
+            raise ApprovalRefused(case.id, approver, "already_decided", "you already decided on this case")
+        if decision == "deny":
+            return self._deny(case, approver, reason, channel)
+        if decision != "approve":
+            raise ValueError(f"unknown decision {decision!r}")
+        rule = self.policy.rule(case.risk_level)
+        in_security = approver in self.deps.security_approver_ids
+        previous = list(self.s.scalars(select(Approval).where(Approval.case_id == case.id,
+                                                              Approval.decision == "approve")))
+        would_complete = len(previous) + 1 >= rule.approvals
+        if (rule.needs_security_approver and would_complete and not in_security
+                and not any(a.security_group for a in previous)):
+            raise ApprovalRefused(case.id, approver, "security_approver_required",
+                                  "this high-risk case needs an approval from the security group")
+        if rule.step_up:
+            self._step_up(case, approver, step_up_code)
+        self.s.add(Approval(case_id=case.id, approver=approver, decision="approve", security_group=in_security,
+                            reason=reason, at=self.now))
+        audit.append(self.s, case_id=case.id, event="approval", from_state=case.state, to_state=case.state,
+                     actor=approver, channel=channel, reason=reason, at=self.now)
+        if not would_complete:
+            self.notify.staff(case, "approval_recorded", approver=approver,
+                              remaining=rule.approvals - len(previous) - 1)
+            return case
+        self._fire(case, "approve", actor=approver, channel=channel, reason=reason)
+        timers.cancel(self.s, case.id, self.now)
+        timers.schedule_in(self.s, case.id, "notice_window", self.now, hours=rule.notice_hours)
+        profile = self._owner(case)
+        self.notify.email(case, "approved", to=profile.email, locale=profile.locale, account_id=profile.id,
+                          notice_hours=rule.notice_hours, hold_hours=rule.hold_hours)
+        self.notify.chat(case, case.conversation_id, "case_approved", locale=case.locale,
+                         notice_hours=rule.notice_hours)
+        self.notify.staff(case, "approved", approver=approver)
+        return case
+
+    def _deny(self, case: Case, approver: str, reason: str | None, channel: str) -> Case:
+        reason = (reason or "").strip()
+        if not reason:
+            raise ApprovalRefused(case.id, approver, "reason_required", "a denial needs a reason")
+        self.s.add(Approval(case_id=case.id, approver=approver, decision="deny", reason=reason[:1000], at=self.now,
+                            security_group=approver in self.deps.security_approver_ids))
+        self._fire(case, "deny", actor=approver, channel=channel, reason=reason)
+        self._closed(case, "denied")
+        return case
+
+    def _step_up(self, case: Case, approver: str, code: str | None) -> None:
+        row = self.s.get(Approver, approver, with_for_update=True)
+        if row is None:
+            raise StepUpRequired(case.id, approver, "step_up_not_enrolled",
+                                 f"this case needs a code from your own authenticator; enroll first with "
+                                 f"`recoverybot approvers enroll {approver}`")
+        if not code:
+            raise StepUpRequired(case.id, approver, "step_up_required",
+                                 "this case needs a current code from your own authenticator")
+        try:
+            row.last_step = totp.verify(self.deps.keyring.decrypt(row.totp_secret_enc), code, now=self.now,
+                                        last_step=row.last_step)
+        except TotpError as exc:
+            raise StepUpRequired(case.id, approver, "step_up_failed", f"step-up code refused: {exc}") from None
+
+    # ---- endings -----------------------------------------------------------------------------------
+
+    def _closed(self, case: Case, outcome: str) -> None:
+        """Shared aftermath of a final state: timers stop, links die, everyone concerned is told."""
+        timers.cancel(self.s, case.id, self.now)
+        self.s.execute(update(LinkToken).where(LinkToken.case_id == case.id, LinkToken.kind == "enroll",
+                                               LinkToken.used_at.is_(None), LinkToken.revoked_at.is_(None))
+                       .values(revoked_at=self.now))
+        profile = self._owner(case)
+        if profile is not None:
+            self.notify.email(case, outcome, to=profile.email, locale=profile.locale, account_id=profile.id,
+                              with_cancel=False, reason=case.final_reason)
+        self.notify.chat(case, case.conversation_id, f"case_{outcome}", locale=case.locale)
+        self.notify.staff(case, outcome, reason=case.final_reason)
+
+    def cancel(self, case_id: str, *, actor: str, channel: str, reason: str) -> Case:
+        case = self.get(case_id, lock=True)
+        self._fire(case, "cancel", actor=actor, channel=channel, reason=reason)
+        self._closed(case, "cancelled")
+        return case
+
+    def expire(self, case: Case, reason: str) -> None:
+        self._fire(case, "expire", reason=reason)
+        self._closed(case, "expired")

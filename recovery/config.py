@@ -1,0 +1,172 @@
+"""Settings from environment variables (12-factor), validated once at start-up.
+
+pydantic-settings does the parsing and gives errors that name the variable, which is why it is used
+instead of hand-rolled `os.environ` reads.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from recovery.errors import ConfigError
+from recovery.policy import Policy
+
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=True, extra="ignore")
+
+    DATABASE_URL: str = "sqlite:///recoverybot.db"
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(8000, ge=1, le=65535)
+    PUBLIC_BASE_URL: str = "http://127.0.0.1:8000"
+    SECRET_KEY: str = ""
+
+    INTERCOM_ACCESS_TOKEN: str = ""
+    INTERCOM_CLIENT_SECRET: str = ""
+    INTERCOM_ADMIN_ID: str = ""
+    INTERCOM_API_BASE: str = "https://api.intercom.io"
+    INTERCOM_HANDOVER_TEAM_ID: str = ""
+
+    SLACK_BOT_TOKEN: str = ""
+    SLACK_SIGNING_SECRET: str = ""
+    SLACK_APPROVAL_CHANNEL: str = ""
+    SLACK_APPROVER_IDS: CommaList = ()
+    SLACK_SECURITY_APPROVER_IDS: CommaList = ()
+    SLACK_API_URL: str = "https://slack.com/api/"
+    SLACK_APP_TOKEN: str = ""
+
+    SMTP_URL: str = ""
+    MAIL_FROM: str = "Recovery Bot <no-reply@localhost>"
+    MAIL_OUTBOX_DIR: str = "var/mail"
+
+    ACCOUNT_DIRECTORY: Literal["embedded", "http"] = "embedded"
+    ACCOUNT_API_URL: str = ""
+    ACCOUNT_API_TOKEN: str = ""
+
+    BRAND_NAME: str = "Exchange"
+    SUPPORT_EMAIL: str = "support@example.com"
+
+    # Local approvers act through `recoverybot cases approve` while Slack is not configured.
+    LOCAL_APPROVERS: CommaList = ("alice", "bob", "carol")
+    LOCAL_SECURITY_APPROVERS: CommaList = ("carol",)
+
+    # JSON object overriding parts of the default policy; see docs/configuration.md.
+    RISK_POLICY: str = ""
+    TEMPLATES_DIR: str = ""
+    LOG_LEVEL: str = "INFO"
+
+    @field_validator("SLACK_APPROVER_IDS", "SLACK_SECURITY_APPROVER_IDS", "LOCAL_APPROVERS",
+                     "LOCAL_SECURITY_APPROVERS", mode="before")
+    @classmethod
+    def _split(cls, value):
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("PUBLIC_BASE_URL", "INTERCOM_API_BASE", "SLACK_API_URL")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("SMTP_URL")
+    @classmethod
+    def _smtp(cls, value: str) -> str:
+        if value and not value.startswith(("smtp://", "smtps://")):
+            raise ValueError("must look like smtp://user:pass@host:port or smtps://...")
+        return value
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _db(cls, value: str) -> str:
+        if value.startswith("postgres://"):  # Heroku's spelling
+            value = "postgresql+psycopg://" + value[len("postgres://"):]
+        elif value.startswith("postgresql://"):
+            value = "postgresql+psycopg://" + value[len("postgresql://"):]
+        if not value.startswith(("sqlite:", "postgresql+psycopg:")):
+            raise ValueError("only sqlite:/// and postgresql:// URLs are supported")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Settings":
+        if self.ACCOUNT_DIRECTORY == "http" and not self.ACCOUNT_API_URL:
+            raise ValueError("ACCOUNT_DIRECTORY=http needs ACCOUNT_API_URL")
+        if self.SLACK_BOT_TOKEN and not self.SLACK_SIGNING_SECRET:
+            raise ValueError("SLACK_BOT_TOKEN is set but SLACK_SIGNING_SECRET is empty")
+        if self.INTERCOM_ACCESS_TOKEN and not self.INTERCOM_CLIENT_SECRET:
+            raise ValueError("INTERCOM_ACCESS_TOKEN is set but INTERCOM_CLIENT_SECRET is empty")
+        if not self.is_embedded_default and len(self.SECRET_KEY) < 32:
+            raise ValueError("SECRET_KEY is required (at least 32 characters) outside the embedded "
+                             "default (SQLite, no Slack, no Intercom)")
+        if self.SECRET_KEY and len(self.SECRET_KEY) < 32:
+            raise ValueError("SECRET_KEY must be at least 32 characters")
+        self.policy  # validates RISK_POLICY early
+        return self
+
+    @property
+    def is_embedded_default(self) -> bool:
+        return (self.DATABASE_URL.startswith("sqlite:") and not self.slack_enabled
+                and not self.intercom_enabled)
+
+    @property
+    def slack_enabled(self) -> bool:
+        return bool(self.SLACK_BOT_TOKEN or self.SLACK_APP_TOKEN)
+
+    @property
+    def intercom_enabled(self) -> bool:
+        return bool(self.INTERCOM_ACCESS_TOKEN)
+
+    @property
+    def policy(self) -> Policy:
+        if not self.RISK_POLICY:
+            return Policy()
+        try:
+            overrides = json.loads(self.RISK_POLICY)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"RISK_POLICY is not valid JSON: {exc}") from None
+        return Policy.from_overrides(overrides)
+
+    def approver_ids(self) -> tuple[str, ...]:
+        return self.SLACK_APPROVER_IDS if self.slack_enabled else self.LOCAL_APPROVERS
+
+    def security_approver_ids(self) -> tuple[str, ...]:
+        return self.SLACK_SECURITY_APPROVER_IDS if self.slack_enabled else self.LOCAL_SECURITY_APPROVERS
+
+    def secret_key(self) -> str:
+        """The key material for hashing and at-rest encryption.
+
+        The embedded default may run without SECRET_KEY: a random key is then kept in a file beside
+        the SQLite database, so encrypted data survives restarts.
+        """
+        if self.SECRET_KEY:
+            return self.SECRET_KEY
+        path = self.sqlite_path().parent / ".recoverybot-secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def sqlite_path(self) -> Path:
+        raw = self.DATABASE_URL.split("sqlite:///", 1)[-1]
+        return Path(raw or ".").resolve() if raw and raw != ":memory:" else Path.cwd() / "x"
+
+
+def load_settings(**overrides) -> Settings:
+    """Read settings from the environment; a bad or missing value raises ConfigError naming it."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            problems.append(f"{where}: {err['msg']}")
+        raise ConfigError("; ".join(problems)) from None

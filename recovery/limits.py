@@ -1,0 +1,24 @@
+"""Sliding-window attempt limits (per chat contact, per IP), kept in the database so that every web
+and worker process sees the same counts."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from recovery.models import Attempt
+
+
+def allow(session: Session, key: str, *, now: datetime, limit: int, window: timedelta) -> bool:
+    """Count one attempt under `key`; False (and nothing counted) when the limit is already reached."""
+    since = now - window
+    used = session.scalar(select(func.count(Attempt.id)).where(Attempt.key == key, Attempt.at > since))
+    if used >= limit:
+        return False
+    session.add(Attempt(key=key, at=now))
+    return True
+
+
+def prune(session: Session, *, now: datetime, older_than: timedelta = timedelta(days=1)) -> None:
+    session.execute(delete(Attempt).where(Attempt.at < now - older_than))

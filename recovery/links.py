@@ -1,0 +1,174 @@
+"""Reset, re-enrollment and cancel links (DESIGN.md section 3, "Reset and re-enrollment").
+
+Enroll tokens are 256 bits, stored as SHA-256, single use, short-lived, and only one is live per
+account. The page's steps are: password (where the directory can check one), new secret and QR,
+one confirming code, then recovery codes shown once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from recovery import audit, timers, totp
+from recovery.cases import CaseService
+from recovery.crypto import hash_password, new_recovery_codes, new_token, token_hash
+from recovery.errors import TokenError, TotpError, WrongPassword
+from recovery.machine import FINAL, State
+from recovery.models import Case, LinkToken
+
+
+@dataclass
+class EnrollView:
+    """What the enroll page may show for a token at its current step."""
+    step: str                      # password, setup
+    case_id: str
+    email: str
+    locale: str
+    secret: str | None = None
+    uri: str | None = None
+
+
+class LinkService(CaseService):
+    # ---- entering link_sent -----------------------------------------------------------------------
+
+    def send_link(self, case: Case) -> None:
+        """The notice window is over: reset the factor, place the hold, email a fresh link."""
+        rule = self.policy.rule(case.risk_level)
+        self.directory.reset_factor(case.account_id, case_id=case.id)
+        self.directory.place_hold(case.account_id, case_id=case.id, hours=rule.hold_hours,
+                                  reason="2fa_recovery")
+        self._fire(case, "send_link")
+        self._issue_enroll_link(case, "enroll_link", expires_at=self.now + timedelta(minutes=self.policy.link_ttl_minutes))
+        timers.schedule_in(self.s, case.id, "link_expiry", self.now, minutes=self.policy.link_ttl_minutes)
+        timers.schedule_in(self.s, case.id, "link_reminder", self.now, minutes=self.policy.link_reminder_minutes)
+        self.notify.chat(case, case.conversation_id, "link_sent", locale=case.locale,
+                         minutes=self.policy.link_ttl_minutes)
+        self.notify.staff(case, "link_sent", hold_hours=rule.hold_hours)
+
+    def _issue_enroll_link(self, case: Case, template: str, *, expires_at) -> None:
+        self.s.execute(update(LinkToken).where(LinkToken.account_id == case.account_id, LinkToken.kind == "enroll",
+                                               LinkToken.used_at.is_(None), LinkToken.revoked_at.is_(None))
+                       .values(revoked_at=self.now))
+        token = new_token()
+        self.s.add(LinkToken(token_hash=token_hash(token), kind="enroll", case_id=case.id,
+                             account_id=case.account_id, created_at=self.now, expires_at=expires_at))
+        profile = self._owner(case)
+        minutes = max(1, int((expires_at - self.now).total_seconds() // 60))
+        self.notify.email(case, template, to=profile.email, locale=profile.locale, account_id=profile.id,
+                          link=f"{self.deps.public_base_url.rstrip('/')}/enroll/{token}", minutes=minutes)
+
+    def remind_link(self, case: Case) -> None:
+        """Only the hash of the first link is kept, so the reminder carries a replacement link."""
+        live = self._live_enroll(case)
+        if live is None or live.password_ok_at is not None:
+            return  # used, revoked, or the customer is already on the page
+        self._issue_enroll_link(case, "link_reminder", expires_at=live.expires_at)
+
+    def _live_enroll(self, case: Case) -> LinkToken | None:
+        return self.s.scalar(select(LinkToken).where(LinkToken.case_id == case.id, LinkToken.kind == "enroll",
+                                                     LinkToken.used_at.is_(None), LinkToken.revoked_at.is_(None)))
+
+    # ---- the enroll page --------------------------------------------------------------------------
+
+    def _token(self, raw: str, kind: str, *, lock: bool = False) -> tuple[LinkToken, Case]:
+        query = select(LinkToken).where(LinkToken.token_hash == token_hash(raw or ""), LinkToken.kind == kind)
+        if lock:
+            query = query.with_for_update()
+        row = self.s.scalar(query)
+        if row is None:
+            raise TokenError("unknown")
+        case = self.get(row.case_id, lock=lock)
+        if kind == "enroll":
+            if row.used_at is not None:
+                raise TokenError("used")
+            if row.revoked_at is not None:
+                raise TokenError("revoked")
+            if row.expires_at <= self.now:
+                raise TokenError("expired")
+            if case.state != State.LINK_SENT:
+                raise TokenError("case_closed")
+        return row, case
+
+    def enroll_view(self, raw: str) -> EnrollView:
+        row, case = self._token(raw, "enroll")
+        profile = self._owner(case)
+        if self.directory.supports_password and row.password_ok_at is None:
+            return EnrollView("password", case.id, profile.email, profile.locale)
+        secret = self.deps.keyring.decrypt(row.pending_secret_enc) if row.pending_secret_enc else None
+        return EnrollView("setup", case.id, profile.email, profile.locale, secret,
+                          totp.provisioning_uri(secret, name=profile.email, issuer=self.deps.brand_name)
+                          if secret else None)
+
+    def start_setup(self, raw: str, password: str | None) -> EnrollView:
+        row, case = self._token(raw, "enroll", lock=True)
+        if self.directory.supports_password and row.password_ok_at is None:
+            if not self.directory.verify_password(case.account_id, password or ""):
+                self._link_failure(row, case, "wrong password on the re-enrollment page")
+                raise WrongPassword("wrong password")
+            row.password_ok_at = self.now
+            audit.append(self.s, case_id=case.id, event="link_password_ok", from_state=case.state,
+                         to_state=case.state, actor="customer", channel="web", reason=None, at=self.now)
+        if row.pending_secret_enc is None:
+            row.pending_secret_enc = self.deps.keyring.encrypt(totp.new_secret())
+        return self.enroll_view(raw)
+
+    def confirm(self, raw: str, code: str) -> list[str]:
+        """Bind the new authenticator after one good code; returns the recovery codes, shown once."""
+        row, case = self._token(raw, "enroll", lock=True)
+        if row.pending_secret_enc is None or (self.directory.supports_password and row.password_ok_at is None):
+            raise TokenError("step_out_of_order")
+        secret = self.deps.keyring.decrypt(row.pending_secret_enc)
+        try:
+            step = totp.verify(secret, code, now=self.now, last_step=None)
+        except TotpError:
+            self._link_failure(row, case, "too many wrong codes on the re-enrollment page")
+            raise
+        codes = new_recovery_codes(8)
+        self.directory.bind_totp(case.account_id, secret=secret, step=step,
+                                 recovery_code_hashes=[hash_password(c) for c in codes], case_id=case.id)
+        row.used_at, row.pending_secret_enc = self.now, None
+        self._fire(case, "complete", actor="customer", channel="web")
+        timers.cancel(self.s, case.id, self.now)
+        profile = self._owner(case)
+        self.notify.email(case, "completed", to=profile.email, locale=profile.locale, account_id=profile.id)
+        self.notify.chat(case, case.conversation_id, "case_completed", locale=case.locale)
+        self.notify.staff(case, "completed")
+        return codes
+
+    def _link_failure(self, row: LinkToken, case: Case, reason: str) -> None:
+        # Runs in the failing request's transaction, which the caller commits before showing the error.
+        case.link_failures += 1
+        if case.link_failures >= self.policy.link_max_password_failures:
+            row.revoked_at = self.now
+            self._fire(case, "cancel", actor="system", channel="web", reason=reason)
+            self._closed(case, "cancelled")
+
+    # ---- the cancel page --------------------------------------------------------------------------
+
+    def cancel_view(self, raw: str) -> Case:
+        row, case = self._token(raw, "cancel")
+        if row.expires_at <= self.now:
+            raise TokenError("expired")
+        return case
+
+    def cancel_by_owner(self, raw: str) -> str:
+        """Returns 'cancelled', 'already_closed' or 'disputed' (a completed case: hold and alert staff)."""
+        row, case = self._token(raw, "cancel", lock=True)
+        if row.expires_at <= self.now:
+            raise TokenError("expired")
+        row.used_at = row.used_at or self.now
+        if case.state == State.COMPLETED:
+            if case.account_id:
+                self.directory.place_hold(case.account_id, case_id=case.id, hours=24 * 7, reason="owner_dispute")
+            audit.append(self.s, case_id=case.id, event="owner_disputed", from_state=case.state,
+                         to_state=case.state, actor="owner", channel="email", reason="owner says it was not them",
+                         at=self.now)
+            self.notify.staff(case, "owner_disputed")
+            return "disputed"
+        if State(case.state) in FINAL:
+            return "already_closed"
+        self._fire(case, "cancel", actor="owner", channel="email", reason="the account owner cancelled")
+        self._closed(case, "cancelled")
+        return "cancelled"

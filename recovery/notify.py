@@ -1,0 +1,61 @@
+"""Messages caused by case changes, written to the outbox in the caller's transaction.
+
+The domain names a message (a template key plus context); `bot/` renders and sends it. Every email to
+the owner carries a fresh "this wasn't me" cancel link.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from recovery import outbox
+from recovery.crypto import Keyring, new_token, token_hash
+from recovery.models import Case, LinkToken, OutboxMessage
+
+CANCEL_LINK_DAYS = 30
+
+
+@dataclass
+class Notifier:
+    session: Session
+    keyring: Keyring
+    base_url: str
+    now: datetime
+
+    def _key(self, case: Case, what: str) -> str:
+        # unique per message: the count makes a repeated template (a second reminder) a new message
+        n = self.session.scalar(select(func.count(OutboxMessage.id))
+                                .where(OutboxMessage.idempotency_key.like(f"{case.id}:{what}:%")))
+        return f"{case.id}:{what}:{n}"
+
+    def cancel_url(self, case: Case, account_id: str | None) -> str:
+        token = new_token()
+        self.session.add(LinkToken(token_hash=token_hash(token), kind="cancel", case_id=case.id,
+                                   account_id=account_id, created_at=self.now,
+                                   expires_at=self.now + timedelta(days=CANCEL_LINK_DAYS)))
+        return f"{self.base_url.rstrip('/')}/cancel/{token}"
+
+    def email(self, case: Case, template: str, *, to: str, locale: str, account_id: str | None,
+              with_cancel: bool = True, **context) -> None:
+        """Queue a templated email to the account's registered address (never one typed in chat)."""
+        context = dict(context, case_id=case.id)
+        if with_cancel:
+            context["cancel_url"] = self.cancel_url(case, account_id)
+        outbox.enqueue(self.session, self.keyring, kind="email", key=self._key(case, f"email-{template}"),
+                       now=self.now, payload={"template": template, "to": to, "locale": locale,
+                                              "context": context})
+
+    def chat(self, case: Case | None, conversation_key: str, message: str, *, locale: str,
+             buttons: tuple[str, ...] = (), key: str | None = None, **context) -> None:
+        if key is None:
+            key = self._key(case, f"chat-{message}") if case else None
+        outbox.enqueue(self.session, self.keyring, kind="chat", key=key, now=self.now,
+                       payload={"conversation": conversation_key, "message": message, "locale": locale,
+                                "buttons": list(buttons), "context": context})
+
+    def staff(self, case: Case, event: str, **context) -> None:
+        outbox.enqueue(self.session, self.keyring, kind="staff", key=self._key(case, f"staff-{event}"),
+                       now=self.now, payload={"case_id": case.id, "event": event, "context": context})
