@@ -25,7 +25,7 @@ from recovery.notify import Notifier
 from recovery.risk import assess
 
 log = logging.getLogger(__name__)
-CODE_OK, CODE_WRONG, CODE_EXPIRED, CODE_LOCKED = "ok", "wrong", "expired", "locked"
+CODE_OK, CODE_WRONG, CODE_EXPIRED, CODE_LOCKED, CODE_REJECTED = "ok", "wrong", "expired", "locked", "rejected"
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,12 @@ class CaseService:
             live.used_at = self.now
             self.set_check(case, "email_code", PASS, {"sent": case.code_sends, "wrong_tries": case.code_failures})
             timers.cancel(self.s, case.id, self.now, kinds=("code_expiry",))
+            profile = self._owner(case)
+            if profile is not None and not profile.totp_enabled:
+                # The customer proved they hold the mailbox, so saying this reveals nothing new.
+                self._fire(case, "reject", reason="2FA is not enabled on this account")
+                self._closed(case, "rejected")
+                return CodeOutcome(CODE_REJECTED)
             self._prepare_facts(case)
             return CodeOutcome(CODE_OK)
         case.code_failures += 1

@@ -13,7 +13,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from recovery import limits
-from recovery.cases import CODE_EXPIRED, CODE_LOCKED, CODE_OK, CaseService
+from recovery.cases import CODE_EXPIRED, CODE_LOCKED, CODE_OK, CODE_REJECTED, CaseService
 from recovery.deps import Deps
 from recovery.errors import IllegalTransition, LimitReached
 from recovery.machine import FINAL, State
@@ -179,8 +179,8 @@ class Dialog:
             self._ask_next(conv, case, first=True)
         elif outcome.status == CODE_EXPIRED:
             self.say(conv, "code_expired", "resend_code")
-        elif outcome.status == CODE_LOCKED:
-            conv.stage = "idle"  # the case's own "locked" message follows through the outbox
+        elif outcome.status in (CODE_LOCKED, CODE_REJECTED):
+            conv.stage = "idle"  # the case's own closing message follows through the outbox
         else:
             self.say(conv, "code_wrong", "resend_code", remaining=outcome.remaining)
 
