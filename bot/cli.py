@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from bot.logs import configure as configure_logging
 from recovery.errors import ConfigError, RecoveryError
 
 
@@ -28,10 +29,7 @@ def _container(upgrade: bool = False, *, service: bool = False):
 
     settings = _settings()
     # long-running processes log at LOG_LEVEL; one-shot commands only say what went wrong
-    logging.basicConfig(level=settings.LOG_LEVEL if service else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Bolt logs whole request bodies (customer data) when a signature fails; keep that logger quiet.
-    logging.getLogger("slack_bolt").setLevel(logging.WARNING)
+    configure_logging(settings.LOG_LEVEL if service else logging.WARNING)
     if upgrade:
         dbmod.upgrade(settings.DATABASE_URL)
     else:
@@ -101,6 +99,10 @@ def web(workers: int):
             self.cfg.set("threads", 8)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("accesslog", "-")
+            self.cfg.set("logconfig_dict", {"version": 1, "disable_existing_loggers": False, "filters": {
+                "redact": {"()": "bot.logs.RedactTokens"}}, "handlers": {"console": {
+                    "class": "logging.StreamHandler", "filters": ["redact"]}}, "loggers": {
+                    "gunicorn.access": {"handlers": ["console"], "level": "INFO", "propagate": False}}})
 
         def load(self):
             from bot.web import create_app
@@ -158,9 +160,9 @@ def accounts_import(file: Path):
         raise click.ClickException(f"cannot read {file}: {exc}") from None
     try:
         records = load(text)
+        counts = _upsert(c, records)
     except RecoveryError as exc:
         raise click.ClickException(f"{file}: {exc}; nothing was imported") from None
-    counts = _upsert(c, records)
     click.echo(f"imported {len(records)} accounts ({counts['created']} created, {counts['updated']} updated)")
 
 
@@ -181,12 +183,21 @@ def _embedded_container():
 
 
 def _upsert(c, records) -> dict:
+    """Upsert all records in one transaction; an email that another stored account owns raises
+    ImportProblem naming the record, and nothing is kept."""
+    from sqlalchemy import select
+
     from recovery.directory.embedded import EmbeddedDirectory
+    from recovery.errors import ImportProblem
+    from recovery.models import Account
 
     counts = {"created": 0, "updated": 0}
     with c.db.transaction() as s:
         directory = EmbeddedDirectory(s, keyring=c.keyring, clock=c.clock)
-        for rec in records:
+        for i, rec in enumerate(records):
+            owner = s.scalar(select(Account.id).where(Account.email == rec["email"]))
+            if owner is not None and owner != rec["id"]:
+                raise ImportProblem(f"accounts[{i}].email", f"{rec['email']!r} already belongs to account {owner!r}")
             counts[directory.upsert(rec)] += 1
     return counts
 

@@ -3,14 +3,14 @@ referrers; GET never changes anything (mail scanners prefetch links), only POST 
 from __future__ import annotations
 
 import segno
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, make_response, request
 
 from recovery.errors import ClockOutOfSync, CodeReused, NotFound, TokenError, TotpError, WrongPassword
 
 bp = Blueprint("pages", __name__)
 
 TOKEN_STATUS = {"unknown": 404, "used": 410, "expired": 410, "revoked": 410, "case_closed": 410,
-                "step_out_of_order": 409}
+                "step_out_of_order": 409, "other_browser": 403}
 
 
 def _c():
@@ -32,38 +32,54 @@ def _setup_page(view, locale: str, error: str | None = None, status: int = 200, 
     return _c().renderer.page("enroll_setup", locale, qr_svg=qr, setup_key=key, error=error, **extra), status
 
 
+COOKIE = "rb_enroll"
+
+
+def _with_browser_cookie(response, browser: str):
+    c = _c()
+    resp = make_response(response)
+    resp.set_cookie(COOKIE, browser, max_age=c.deps.policy.link_ttl_minutes * 60, path="/enroll/",
+                    httponly=True, samesite="Lax", secure=c.settings.PUBLIC_BASE_URL.startswith("https://"))
+    return resp
+
+
 @bp.route("/enroll/<token>", methods=["GET", "POST"])
 def enroll(token: str):
     c = _c()
+    browser = request.cookies.get(COOKIE)
     try:
-        view = c.recovery.enroll_view(token)
+        view = c.recovery.enroll_view(token, browser)
     except TokenError as exc:
         return _link_error(exc, _lang())
     locale = _lang(view.locale)
     if request.method == "GET":
-        if view.step == "password":
-            return c.renderer.page("enroll_password", locale)
-        view = c.recovery.start_setup(token, None) if view.secret is None else view
+        # GET never starts anything: mail scanners open links before people do.
+        if view.step == "start":
+            return c.renderer.page("enroll_start", locale, ask_password=view.ask_password)
         return _setup_page(view, locale)
     step = request.form.get("step", "")
     try:
-        if step == "password":
-            view = c.recovery.start_setup(token, request.form.get("password", ""))
-            return _setup_page(view, locale)
+        if step == "start":
+            view, browser = c.recovery.start_setup(token, request.form.get("password", ""), browser)
+            return _with_browser_cookie(_setup_page(view, locale), browser)
         if step == "confirm":
-            codes = c.recovery.confirm_enroll(token, request.form.get("code", ""))
+            codes = c.recovery.confirm_enroll(token, request.form.get("code", ""), browser)
             return c.renderer.page("enroll_done", locale, codes=codes)
     except TokenError as exc:
         return _link_error(exc, locale)
     except WrongPassword:
         c.metrics.failure("enroll_wrong_password")
-        return c.renderer.page("enroll_password", locale, error="wrong_password"), 401
+        try:
+            c.recovery.enroll_view(token, browser)
+        except TokenError as closed:  # too many failures closed the link
+            return _link_error(closed, locale)
+        return c.renderer.page("enroll_start", locale, ask_password=True, error="wrong_password"), 401
     except TotpError as exc:
         reason = ("clock_off" if isinstance(exc, ClockOutOfSync)
                   else "code_reused" if isinstance(exc, CodeReused) else "wrong_code")
         c.metrics.failure(f"enroll_{reason}")
         try:
-            view = c.recovery.enroll_view(token)
+            view = c.recovery.enroll_view(token, browser)
         except TokenError as closed:  # too many failures closed the link
             return _link_error(closed, locale)
         drift = getattr(exc, "drift_seconds", 0)

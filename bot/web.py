@@ -58,13 +58,19 @@ def create_app(container) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
+        # keep the exception's own headers, such as the Allow that a 405 must carry
+        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
         if wants_json():
-            return jsonify(error=exc.name.lower().replace(" ", "_"), message=exc.description), exc.code
-        return container.renderer.page("error", "en", status=exc.code, title=exc.name), exc.code
+            message = (f"the request body may be at most {MAX_BODY // 1024} KiB" if exc.code == 413
+                       else exc.description)
+            return jsonify(error=exc.name.lower().replace(" ", "_"), message=message), exc.code, headers
+        return container.renderer.page("error", "en", status=exc.code, title=exc.name), exc.code, headers
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        # The route's pattern, not the path: /enroll/ and /cancel/ paths carry link tokens.
+        route = request.url_rule.rule if request.url_rule is not None else "(no route)"
+        log.exception("unhandled error on %s %s", request.method, route)
         if wants_json():
             return jsonify(error="internal_error", message="something went wrong; it was logged"), 500
         return container.renderer.page("error", "en", status=500, title="Internal error"), 500

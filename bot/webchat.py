@@ -6,6 +6,7 @@ GET  /chat/api/sessions/{id}/messages?after= -> {"messages": [{"seq", "sender", 
 """
 from __future__ import annotations
 
+import re
 import secrets
 import uuid
 
@@ -13,7 +14,7 @@ from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from bot.http import ApiError, json_body
+from bot.http import ApiError, json_body, storable_text
 from bot.templates import pick_locale
 from recovery import inbox
 from recovery.dialog import redact_codes
@@ -22,6 +23,8 @@ from recovery.outbox import Outgoing, PermanentFailure
 
 MAX_TEXT = 2000
 MAX_PAGE = 200
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what create_session issues
+SEQ = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and within a 64-bit column
 
 bp = Blueprint("webchat", __name__)
 
@@ -69,17 +72,25 @@ def post_message(session_id: str):
     text = body.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ApiError(400, "bad_text", 'send {"text": "..."} with a non-empty string')
+    if not storable_text(text):
+        raise ApiError(400, "bad_text", "text must be valid Unicode without NUL characters")
     if len(text) > MAX_TEXT:
         raise ApiError(413, "text_too_long", f"a message may have at most {MAX_TEXT} characters")
     client_id = body.get("client_id")
-    if client_id is not None and (not isinstance(client_id, str) or not 1 <= len(client_id) <= 100):
-        raise ApiError(400, "bad_client_id", "client_id must be a string of 1 to 100 characters")
+    if client_id is not None and (not isinstance(client_id, str) or not 1 <= len(client_id) <= 100
+                                  or not storable_text(client_id)):
+        raise ApiError(400, "bad_client_id",
+                       "client_id must be a string of 1 to 100 characters (valid Unicode, no NUL)")
+    if not SESSION_ID.fullmatch(session_id):
+        raise ApiError(404, "unknown_session", "no chat session with that id; create one first")
     now = c.clock.now()
     conversation = f"webchat:{session_id}"
     delivery_key = f"{conversation}:{client_id or uuid.uuid4().hex}"
     try:
         with c.db.transaction() as s:
-            chat = s.get(ChatSession, session_id)
+            # Locking the session row orders this session's inserts, so `seq` follows commit order
+            # and a poller reading `seq > after` cannot skip a message that commits late.
+            chat = s.get(ChatSession, session_id, with_for_update=True)
             if chat is None:
                 raise ApiError(404, "unknown_session", "no chat session with that id; create one first")
             # The transcript keeps a redacted copy; the inbox keeps the text encrypted until processed.
@@ -99,8 +110,10 @@ def post_message(session_id: str):
 def list_messages(session_id: str):
     c = _c()
     after = request.args.get("after", "0")
-    if not after.isdigit():
+    if not SEQ.fullmatch(after):
         raise ApiError(400, "bad_after", "after must be a non-negative whole number (a seq)")
+    if not SESSION_ID.fullmatch(session_id):
+        raise ApiError(404, "unknown_session", "no chat session with that id")
     with c.db.transaction() as s:
         if s.get(ChatSession, session_id) is None:
             raise ApiError(404, "unknown_session", "no chat session with that id")
@@ -126,6 +139,7 @@ class WebChatSender:
         text = self.renderer.chat(p["message"], p["locale"], p.get("context", {}))
         try:
             with self.db.transaction() as s:
+                s.get(ChatSession, session_id, with_for_update=True)  # see post_message
                 if s.scalar(select(ChatMessage.seq).where(ChatMessage.source_key == message.idempotency_key)):
                     return
                 s.add(ChatMessage(session_id=session_id, sender="bot", text=text,

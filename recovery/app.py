@@ -57,15 +57,15 @@ class Recovery:
 
     # ---- links --------------------------------------------------------------------------------------
 
-    def enroll_view(self, token: str):
+    def enroll_view(self, token: str, browser: str | None):
         with self.service() as svc:
-            return svc.enroll_view(token)
+            return svc.enroll_view(token, browser)
 
-    def start_setup(self, token: str, password: str | None):
-        return self._commit_then_raise(lambda svc: svc.start_setup(token, password))
+    def start_setup(self, token: str, password: str | None, browser: str | None):
+        return self._commit_then_raise(lambda svc: svc.start_setup(token, password, browser))
 
-    def confirm_enroll(self, token: str, code: str) -> list[str]:
-        return self._commit_then_raise(lambda svc: svc.confirm(token, code))
+    def confirm_enroll(self, token: str, code: str, browser: str | None) -> list[str]:
+        return self._commit_then_raise(lambda svc: svc.confirm(token, code, browser))
 
     def cancel_view(self, token: str) -> Case:
         with self.service() as svc:

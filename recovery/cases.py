@@ -129,6 +129,8 @@ class CaseService:
                              expires_at=expires))
         case.code_sends += 1
         self.set_check(case, "email_code", PENDING, {"sent": case.code_sends, "wrong_tries": case.code_failures})
+        # Only the newest code's expiry is news: the replaced code's timer would call a live code expired.
+        timers.cancel(self.s, case.id, self.now, kinds=("code_expiry",))
         timers.schedule(self.s, case.id, "code_expiry", expires)
         profile = self._owner(case)
         if profile is not None:

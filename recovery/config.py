@@ -167,6 +167,7 @@ def load_settings(**overrides) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "settings"
-            problems.append(f"{where}: {err['msg']}")
+            where = ".".join(str(p) for p in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
         raise ConfigError("; ".join(problems)) from None

@@ -6,6 +6,7 @@ one confirming code, then recovery codes shown once.
 """
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,19 +16,20 @@ from recovery import audit, timers, totp
 from recovery.cases import CaseService
 from recovery.crypto import hash_password, new_recovery_codes, new_token, token_hash
 from recovery.errors import TokenError, TotpError, WrongPassword
-from recovery.machine import FINAL, State
+from recovery.machine import FINAL, OPEN, State
 from recovery.models import Case, LinkToken
 
 
 @dataclass
 class EnrollView:
     """What the enroll page may show for a token at its current step."""
-    step: str                      # password, setup
+    step: str                      # start, setup
     case_id: str
     email: str
     locale: str
     secret: str | None = None
     uri: str | None = None
+    ask_password: bool = False
 
 
 class LinkService(CaseService):
@@ -62,7 +64,7 @@ class LinkService(CaseService):
     def remind_link(self, case: Case) -> None:
         """Only the hash of the first link is kept, so the reminder carries a replacement link."""
         live = self._live_enroll(case)
-        if live is None or live.password_ok_at is not None:
+        if live is None or live.browser_hash is not None:
             return  # used, revoked, or the customer is already on the page
         self._issue_enroll_link(case, "link_reminder", expires_at=live.expires_at)
 
@@ -91,34 +93,48 @@ class LinkService(CaseService):
                 raise TokenError("case_closed")
         return row, case
 
-    def enroll_view(self, raw: str) -> EnrollView:
+    def enroll_view(self, raw: str, browser: str | None) -> EnrollView:
+        """`browser` is the secret the page set in a cookie when the customer started; once a link is
+        started in one browser, no other holder of the link can see the setup key or finish."""
         row, case = self._token(raw, "enroll")
         profile = self._owner(case)
-        if self.directory.supports_password and row.password_ok_at is None:
-            return EnrollView("password", case.id, profile.email, profile.locale)
-        secret = self.deps.keyring.decrypt(row.pending_secret_enc) if row.pending_secret_enc else None
+        if row.browser_hash is None:
+            return EnrollView("start", case.id, profile.email, profile.locale,
+                              ask_password=self.directory.supports_password)
+        self._same_browser(row, browser)
+        secret = self.deps.keyring.decrypt(row.pending_secret_enc)
         return EnrollView("setup", case.id, profile.email, profile.locale, secret,
-                          totp.provisioning_uri(secret, name=profile.email, issuer=self.deps.brand_name)
-                          if secret else None)
+                          totp.provisioning_uri(secret, name=profile.email, issuer=self.deps.brand_name))
 
-    def start_setup(self, raw: str, password: str | None) -> EnrollView:
+    def _same_browser(self, row: LinkToken, browser: str | None) -> None:
+        if not browser or not hmac.compare_digest(token_hash(browser), row.browser_hash or ""):
+            raise TokenError("other_browser")
+
+    def start_setup(self, raw: str, password: str | None, browser: str | None) -> tuple[EnrollView, str]:
+        """Check the password (where the directory can), make the new secret and tie the link to this
+        browser. Returns the view and the browser secret for the page to keep in a cookie."""
         row, case = self._token(raw, "enroll", lock=True)
-        if self.directory.supports_password and row.password_ok_at is None:
+        if row.browser_hash is not None:
+            self._same_browser(row, browser)
+            return self.enroll_view(raw, browser), browser
+        if self.directory.supports_password:
             if not self.directory.verify_password(case.account_id, password or ""):
                 self._link_failure(row, case, "wrong password on the re-enrollment page")
                 raise WrongPassword("wrong password")
-            row.password_ok_at = self.now
-            audit.append(self.s, case_id=case.id, event="link_password_ok", from_state=case.state,
-                         to_state=case.state, actor="customer", channel="web", reason=None, at=self.now)
-        if row.pending_secret_enc is None:
-            row.pending_secret_enc = self.deps.keyring.encrypt(totp.new_secret())
-        return self.enroll_view(raw)
+        browser = new_token()
+        row.password_ok_at, row.browser_hash = self.now, token_hash(browser)
+        row.pending_secret_enc = self.deps.keyring.encrypt(totp.new_secret())
+        audit.append(self.s, case_id=case.id, event="link_started", from_state=case.state, to_state=case.state,
+                     actor="customer", channel="web",
+                     reason="password checked" if self.directory.supports_password else None, at=self.now)
+        return self.enroll_view(raw, browser), browser
 
-    def confirm(self, raw: str, code: str) -> list[str]:
+    def confirm(self, raw: str, code: str, browser: str | None) -> list[str]:
         """Bind the new authenticator after one good code; returns the recovery codes, shown once."""
         row, case = self._token(raw, "enroll", lock=True)
-        if row.pending_secret_enc is None or (self.directory.supports_password and row.password_ok_at is None):
+        if row.browser_hash is None:
             raise TokenError("step_out_of_order")
+        self._same_browser(row, browser)
         secret = self.deps.keyring.decrypt(row.pending_secret_enc)
         try:
             step = totp.verify(secret, code, now=self.now, last_step=None)
@@ -159,6 +175,7 @@ class LinkService(CaseService):
         if row.expires_at <= self.now:
             raise TokenError("expired")
         row.used_at = row.used_at or self.now
+        others = self._cancel_other_open_cases(row.account_id, case)
         if case.state == State.COMPLETED:
             if case.account_id:
                 self.directory.place_hold(case.account_id, case_id=case.id, hours=24 * 7, reason="owner_dispute")
@@ -168,7 +185,25 @@ class LinkService(CaseService):
             self.notify.staff(case, "owner_disputed")
             return "disputed"
         if State(case.state) in FINAL:
-            return "already_closed"
+            return "cancelled" if others else "already_closed"
         self._fire(case, "cancel", actor="owner", channel="email", reason="the account owner cancelled")
         self._closed(case, "cancelled")
         return "cancelled"
+
+    def _cancel_other_open_cases(self, account_id: str | None, case: Case) -> int:
+        """'It wasn't me' is about the account, not one request. A second request while a case is open
+        gets a case of its own (so the customer cannot tell), and the owner's notice for it carries that
+        case's link: cancelling there must stop the open case too, or the reset would go on."""
+        if not account_id:
+            return 0
+        ids = self.s.scalars(select(Case.id).where(Case.account_id == account_id, Case.id != case.id,
+                                                   Case.state.in_([s.value for s in OPEN]))
+                             .order_by(Case.id)).all()
+        cancelled = 0
+        for other_id in ids:
+            other = self.get(other_id, lock=True)
+            if State(other.state) in OPEN:  # it may have closed since the query
+                self._fire(other, "cancel", actor="owner", channel="email", reason="the account owner cancelled")
+                self._closed(other, "cancelled")
+                cancelled += 1
+        return cancelled

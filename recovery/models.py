@@ -150,6 +150,8 @@ class LinkToken(Base):
     used_at: Mapped[datetime | None] = ts()
     revoked_at: Mapped[datetime | None] = ts()
     password_ok_at: Mapped[datetime | None] = ts()
+    # SHA-256 of a secret kept in the browser that started the page; others holding the link are refused
+    browser_hash: Mapped[str | None] = mapped_column(String(64))
     pending_secret_enc: Mapped[str | None] = mapped_column(Text)
 
 

@@ -89,8 +89,19 @@ class Dispatcher:
         """Send what is due; returns how many messages were attempted."""
         batch = self._lease(limit)
         for message in batch:
-            self._deliver(message)
+            if self._renew(message):
+                self._deliver(message)
         return len(batch)
+
+    def _renew(self, message: Outgoing) -> bool:
+        """Extend the lease just before sending, so a slow batch cannot outlive it: by the time a late
+        message's turn comes, another worker may have taken it over (False), and then it is theirs."""
+        with self.db.transaction() as session:
+            result = session.execute(update(OutboxMessage)
+                                     .where(OutboxMessage.id == message.id, OutboxMessage.status == "pending",
+                                            OutboxMessage.lease_owner == self.owner)
+                                     .values(lease_until=self.clock.now() + LEASE))
+        return result.rowcount == 1
 
     def _deliver(self, message: Outgoing) -> None:
         sender = self.senders.get(message.kind)

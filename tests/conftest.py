@@ -209,6 +209,7 @@ class ChatClient:
         self.session_id = r.json()["session_id"]
         self.seen = r.json()["messages"]
         self.after = max(m["seq"] for m in self.seen)
+        self.unread: list[str] = []
 
     def say(self, text: str, client_id: str | None = None) -> requests.Response:
         body = {"text": text} | ({"client_id": client_id} if client_id else {})
@@ -226,12 +227,12 @@ class ChatClient:
         return new
 
     def reply(self, timeout: float = 10) -> str:
-        """Wait for the bot's next message and return its text."""
+        """Wait for the bot's next unread message and return its text."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for m in self.poll():
-                if m["sender"] == "bot":
-                    return m["text"]
+            self.unread.extend(m["text"] for m in self.poll() if m["sender"] == "bot")
+            if self.unread:
+                return self.unread.pop(0)
             time.sleep(0.05)
         raise AssertionError(f"no bot reply within {timeout}s; transcript: {[m['text'] for m in self.seen]}")
 

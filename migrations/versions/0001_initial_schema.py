@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 08:16:33.225476
+Create Date: 2026-11-26 08:46:26.774157
 """
 from alembic import op
 import sqlalchemy as sa
@@ -235,6 +235,7 @@ def upgrade() -> None:
     sa.Column('used_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('revoked_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('password_ok_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('browser_hash', sa.String(length=64), nullable=True),
     sa.Column('pending_secret_enc', sa.Text(), nullable=True),
     sa.ForeignKeyConstraint(['case_id'], ['cases.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
