@@ -70,6 +70,7 @@ def serve(demo: bool):
     server = make_server(c.settings.HOST, c.settings.PORT, app, threaded=True)
     thread = threading.Thread(target=c.worker.run_forever, name="worker", daemon=True)
     thread.start()
+    _start_socket_mode(c)
     mail = "SMTP " + c.settings.SMTP_URL.split("@")[-1] if c.settings.SMTP_URL else \
         f"the folder {Path(c.settings.MAIL_OUTBOX_DIR).resolve()}"
     click.echo(f"Recovery Bot on {c.settings.PUBLIC_BASE_URL}/chat  (database {_safe_url(c.settings.DATABASE_URL)})")
@@ -119,7 +120,18 @@ def worker():
 
     c = _container(service=True)
     signal.signal(signal.SIGTERM, lambda *_: c.worker.stop())
+    _start_socket_mode(c)
     c.worker.run_forever()
+
+
+def _start_socket_mode(c) -> None:
+    """With SLACK_APP_TOKEN, Slack's clicks arrive over a websocket the bot opens (no public endpoint);
+    `serve` and `worker` hold it, so `web` processes need not."""
+    if c.settings.SLACK_APP_TOKEN and c.slack_app is not None:
+        from slack_bolt.adapter.socket_mode import SocketModeHandler
+
+        SocketModeHandler(c.slack_app, c.settings.SLACK_APP_TOKEN).connect()
+        logging.getLogger(__name__).info("Slack Socket Mode connected")
 
 
 # ---- database and accounts --------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from recovery.dialog import Dialog, Incoming, redact_codes
+from recovery.dialog import Dialog, Incoming
 from recovery.models import InboxEvent
 
 
@@ -12,13 +12,13 @@ def make_handler(deps, keyring):
         if event.source == "webchat":
             payload = event.payload
             text = keyring.decrypt(payload["text_enc"])
-            Dialog(session, deps).handle(
+            result = Dialog(session, deps).handle(
                 Incoming(conversation_key=event.conversation_key, channel="webchat", text=text,
                          locale=payload.get("locale"), ip=payload.get("ip")),
                 turn=str(event.id))
             # Processed: keep only what the transcript keeps, so the plain text is not at rest.
             event.payload = {k: v for k, v in payload.items() if k != "text_enc"} | {
-                "text_redacted": redact_codes(text)}
+                "text_redacted": result.stored_text}
         else:
             raise ValueError(f"no handler for inbox source {event.source!r}")
     return handle

@@ -19,6 +19,11 @@ def create_app(container) -> Flask:
     app.extensions["recoverybot"] = container
     app.register_blueprint(webchat.bp)
     app.register_blueprint(pages.bp)
+    if container.slack_app is not None:
+        from slack_bolt.adapter.flask import SlackRequestHandler
+
+        slack = SlackRequestHandler(container.slack_app)
+        app.add_url_rule("/slack/events", "slack_events", lambda: slack.handle(request), methods=["POST"])
 
     @app.get("/healthz")
     def healthz():

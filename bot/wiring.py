@@ -36,6 +36,7 @@ class Container:
     dispatcher: Dispatcher
     worker: Worker
     senders: dict = field(default_factory=dict)
+    slack_app: object | None = None  # the Bolt app, when Slack is configured
 
     def close(self) -> None:
         self.worker.stop()
@@ -74,9 +75,23 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
         "chat": ChatRouter({"webchat": WebChatSender(db, renderer, clock)}),
         "staff": ConsoleStaffNotifier(),
     }
+    slack_client = None
+    if settings.slack_enabled:
+        from bot.slack.app import make_client
+        from bot.slack.notifier import SlackStaffNotifier
+
+        slack_client = make_client(settings)
+        senders["staff"] = SlackStaffNotifier(db=db, deps=deps, renderer=renderer, client=slack_client,
+                                              channel=settings.SLACK_APPROVAL_CHANNEL,
+                                              security_ids=settings.SLACK_SECURITY_APPROVER_IDS)
     dispatcher = Dispatcher(db, keyring=keyring, senders=senders, clock=clock, metrics=metrics)
     worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher, handler=make_handler(deps, keyring),
                     clock=clock)
-    return Container(settings=settings, clock=clock, db=db, keyring=keyring, renderer=renderer,
-                     metrics=metrics, deps=deps, recovery=recovery, dispatcher=dispatcher, worker=worker,
-                     senders=senders)
+    container = Container(settings=settings, clock=clock, db=db, keyring=keyring, renderer=renderer,
+                          metrics=metrics, deps=deps, recovery=recovery, dispatcher=dispatcher, worker=worker,
+                          senders=senders)
+    if slack_client is not None:
+        from bot.slack.app import build_app
+
+        container.slack_app = build_app(container, slack_client)
+    return container

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     SLACK_SECURITY_APPROVER_IDS: CommaList = ()
     SLACK_API_URL: str = "https://slack.com/api/"
     SLACK_APP_TOKEN: str = ""
+    # Optional: our workspace id. Without it the bot asks Slack once (auth.test).
+    SLACK_TEAM_ID: str = ""
 
     SMTP_URL: str = ""
     MAIL_FROM: str = "Recovery Bot <no-reply@localhost>"
@@ -99,8 +101,17 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> "Settings":
         if self.ACCOUNT_DIRECTORY == "http" and not self.ACCOUNT_API_URL:
             raise ValueError("ACCOUNT_DIRECTORY=http needs ACCOUNT_API_URL")
-        if self.SLACK_BOT_TOKEN and not self.SLACK_SIGNING_SECRET:
-            raise ValueError("SLACK_BOT_TOKEN is set but SLACK_SIGNING_SECRET is empty")
+        if self.slack_enabled:
+            if not self.SLACK_BOT_TOKEN:
+                raise ValueError("SLACK_APP_TOKEN is set but SLACK_BOT_TOKEN is empty")
+            if not self.SLACK_APP_TOKEN and not self.SLACK_SIGNING_SECRET.strip():
+                # Checked here, at start-up, so no request is ever handled without verification.
+                raise ValueError("SLACK_BOT_TOKEN is set but SLACK_SIGNING_SECRET is empty; "
+                                 "Slack requests cannot be verified")
+            if not self.SLACK_APPROVAL_CHANNEL:
+                raise ValueError("SLACK_APPROVAL_CHANNEL is required when Slack is configured")
+            if not self.SLACK_APPROVER_IDS:
+                raise ValueError("SLACK_APPROVER_IDS is required when Slack is configured")
         if self.INTERCOM_ACCESS_TOKEN and not self.INTERCOM_CLIENT_SECRET:
             raise ValueError("INTERCOM_ACCESS_TOKEN is set but INTERCOM_CLIENT_SECRET is empty")
         if not self.is_embedded_default and len(self.SECRET_KEY) < 32:

@@ -34,6 +34,14 @@ INTENTS = (
 )
 
 
+@dataclass(frozen=True)
+class TurnResult:
+    """What a channel needs to know after a turn: the text it may keep (secrets masked) and which kinds
+    of secret were found, so it can redact the message at the source where the channel allows it."""
+    stored_text: str
+    secrets: tuple[str, ...] = ()
+
+
 @dataclass
 class Incoming:
     conversation_key: str
@@ -81,7 +89,7 @@ class Dialog:
                                key=f"{conv.key}:{self._turn}:{self._n}", **context)
         self._n += 1
 
-    def handle(self, msg: Incoming, turn: str) -> None:
+    def handle(self, msg: Incoming, turn: str) -> TurnResult:
         """React to one customer message. `turn` (the inbox event id) keys the replies, so a
         reprocessed event cannot post its replies twice."""
         self._turn, self._n = turn, 0
@@ -113,6 +121,8 @@ class Dialog:
         else:
             self.say(conv, "menu", "lost_authenticator", "what_is_2fa")
         conv.updated_at = self.now
+        stored = redact_codes(msg.text)
+        return TurnResult(stored, ("code",) if stored != msg.text else ())
 
     # ---- steps ------------------------------------------------------------------------------------
 

@@ -271,3 +271,27 @@ class Attempt(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     key: Mapped[str] = mapped_column(String(200))
     at: Mapped[datetime] = ts()
+
+
+class SlackCard(Base):
+    """Where a case's approval card lives in Slack, so it can be updated and threaded."""
+    __tablename__ = "slack_cards"
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(64))
+    message_ts: Mapped[str] = mapped_column(String(32))
+    posted_at: Mapped[datetime] = ts()
+    updated_at: Mapped[datetime] = ts()
+
+
+class CaseDocument(Base):
+    """A file the customer uploaded in chat (an ID photo), kept encrypted for the approvers."""
+    __tablename__ = "case_documents"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    case_id: Mapped[str | None] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    conversation_key: Mapped[str] = mapped_column(String(200), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    content_enc: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = ts()

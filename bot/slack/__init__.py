@@ -1,0 +1,1 @@
+"""The Slack channel for staff: approval cards, decisions through modals, reminders, `/recovery`."""

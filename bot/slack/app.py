@@ -1,0 +1,230 @@
+"""The slack-bolt app: approve/deny buttons, their modals, and `/recovery`.
+
+It only translates: a click becomes `Recovery.decide(...)`, a result becomes a modal error or an
+ephemeral message. Who may act is decided from the request's user and team, and the case is always
+re-read from the database by the message the button is on; the button's value is never trusted.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from slack_bolt import App
+from slack_sdk import WebClient
+from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
+from sqlalchemy import select
+
+from bot.slack import card
+from recovery import audit
+from recovery.errors import ApprovalRefused, IllegalTransition, NotFound, StepUpRequired
+from recovery.machine import State
+from recovery.models import Case, SlackCard
+
+log = logging.getLogger(__name__)
+APPROVE_VIEW, DENY_VIEW = "approve_modal", "deny_modal"
+
+
+def make_client(settings) -> WebClient:
+    # slack_sdk has no base-URL setting of its own and does not retry 429 unless told to.
+    return WebClient(token=settings.SLACK_BOT_TOKEN, base_url=settings.SLACK_API_URL,
+                     retry_handlers=[RateLimitErrorRetryHandler(max_retry_count=3)])
+
+
+class Approvals:
+    """The listeners, with what they need; registered on a Bolt App by `register`."""
+
+    def __init__(self, container, client: WebClient):
+        self.c, self.client = container, client
+        self.approvers = set(container.settings.SLACK_APPROVER_IDS)
+        self.security = set(container.settings.SLACK_SECURITY_APPROVER_IDS)
+        self._team_id = container.settings.SLACK_TEAM_ID or None
+
+    # ---- who is acting ----------------------------------------------------------------------------
+
+    def team_id(self) -> str:
+        if self._team_id is None:
+            self._team_id = self.client.auth_test()["team_id"]  # our own workspace, learned once
+        return self._team_id
+
+    def refusal(self, body: dict) -> str | None:
+        user = body.get("user") or {}
+        team = (body.get("team") or {}).get("id") or user.get("team_id") or body.get("team_id")
+        if team != self.team_id():
+            return "other_team"
+        if user.get("id", body.get("user_id")) not in self.approvers | self.security:
+            return "not_authorized"
+        return None
+
+    def _refuse(self, body: dict, reason: str, case: Case | None, channel_id: str | None, **extra) -> None:
+        user = (body.get("user") or {}).get("id") or body.get("user_id", "?")
+        team = (body.get("team") or {}).get("id") or body.get("team_id", "?")
+        if case is not None:
+            with self.c.recovery.service() as svc:
+                audit.append(svc.s, case_id=case.id, event="approval_refused", from_state=case.state,
+                             to_state=case.state, actor=f"slack:{team}:{user}", channel="slack", reason=reason,
+                             at=svc.now)
+        if channel_id:
+            text = self.c.renderer.block(card.TEMPLATE, "refused", dict(reason=reason, state=extra.get("state", ""),
+                                                                        message=extra.get("message", "")))
+            self.client.chat_postEphemeral(channel=channel_id, user=user, text=text)
+
+    def case_for_message(self, body: dict) -> Case | None:
+        channel = (body.get("channel") or body.get("container") or {}).get("id") or \
+            (body.get("container") or {}).get("channel_id")
+        ts = (body.get("message") or {}).get("ts") or (body.get("container") or {}).get("message_ts")
+        with self.c.db.transaction() as s:
+            row = s.scalar(select(SlackCard).where(SlackCard.channel == channel, SlackCard.message_ts == ts))
+            return s.get(Case, row.case_id) if row else None
+
+    # ---- buttons ------------------------------------------------------------------------------------
+
+    def on_button(self, ack, body, action):
+        ack()
+        channel_id = (body.get("channel") or {}).get("id")
+        case = self.case_for_message(body)
+        reason = self.refusal(body)
+        if reason:
+            self._refuse(body, reason, case, channel_id)
+            return
+        if case is None:
+            self._refuse(body, "unknown", None, channel_id, message="This card is not linked to a case.")
+            return
+        if case.state != State.AWAITING_APPROVAL:
+            self._refuse(body, "closed", case, channel_id, state=case.state)
+            return
+        deciding = action["action_id"] == card.APPROVE
+        self.client.views_open(trigger_id=body["trigger_id"],
+                               view=self._modal(case, approve=deciding, channel_id=channel_id))
+
+    def _modal(self, case: Case, *, approve: bool, channel_id: str | None) -> dict:
+        with self.c.db.transaction() as s:
+            directory = self.c.deps.directory_for(s)
+            profile = directory.get(case.account_id) if case.account_id else None
+        ctx = dict(case=case, masked_email=card.mask_email(profile.email) if profile else "-")
+        text = self.c.renderer.block(card.TEMPLATE, "approve_modal_text" if approve else "deny_modal_text", ctx)
+        blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
+        if approve and self.c.deps.policy.rule(case.risk_level).step_up:
+            blocks.append({"type": "input", "block_id": "totp", "label": {"type": "plain_text",
+                           "text": "Code from your own authenticator"},
+                           "element": {"type": "plain_text_input", "action_id": "code", "min_length": 6,
+                                       "max_length": 7}})
+        if not approve:
+            blocks.append({"type": "input", "block_id": "reason", "label": {"type": "plain_text",
+                           "text": "Reason (the owner is told)"},
+                           "element": {"type": "plain_text_input", "action_id": "text", "multiline": True,
+                                       "min_length": 5, "max_length": 1000}})
+        return {"type": "modal", "callback_id": APPROVE_VIEW if approve else DENY_VIEW,
+                "private_metadata": f"{case.id}|{channel_id or ''}",
+                "title": {"type": "plain_text", "text": "Approve reset" if approve else "Deny reset"},
+                "submit": {"type": "plain_text", "text": "Approve" if approve else "Deny"},
+                "close": {"type": "plain_text", "text": "Cancel"}, "blocks": blocks}
+
+    # ---- modal submissions -----------------------------------------------------------------------------
+
+    def on_submit(self, ack, body, view):
+        case_id, _, channel_id = (view.get("private_metadata") or "").partition("|")
+        values = _values(view)
+        reason = self.refusal(body)
+        if reason:
+            field = next((f for f in ("totp", "reason") if f in values), None)
+            ack(response_action="errors", errors={field: "You may not decide on this case."}) if field else ack()
+            with self.c.recovery.service() as svc:
+                try:
+                    case = svc.get(case_id)
+                except NotFound:
+                    return
+            self._refuse(body, reason, case, channel_id or None)
+            return
+        approve = view.get("callback_id") == APPROVE_VIEW
+        user = body["user"]["id"]
+        try:
+            self.c.recovery.decide(
+                case_id, approver=user, decision="approve" if approve else "deny",
+                reason=None if approve else values.get("reason", {}).get("text", {}).get("value"),
+                step_up_code=values.get("totp", {}).get("code", {}).get("value"), channel="slack")
+        except StepUpRequired as exc:
+            ack(response_action="errors", errors={"totp": str(exc)[:150]} if "totp" in values else {})
+            return
+        except ApprovalRefused as exc:
+            field = "reason" if "reason" in values else "totp" if "totp" in values else None
+            if field:
+                ack(response_action="errors", errors={field: str(exc)[:150]})
+            else:
+                ack()
+                self._ephemeral(channel_id, user, exc.reason, str(exc))
+            return
+        except (IllegalTransition, NotFound) as exc:
+            # a second click or a racing approver: the first decision stands, nothing changed
+            ack()
+            self._ephemeral(channel_id, user, "closed", str(exc), state=getattr(exc, "state", ""))
+            return
+        ack()
+
+    def _ephemeral(self, channel_id: str, user: str, reason: str, message: str, state: str = "") -> None:
+        if channel_id:
+            text = self.c.renderer.block(card.TEMPLATE, "refused", dict(reason=reason, state=state, message=message))
+            self.client.chat_postEphemeral(channel=channel_id, user=user, text=text)
+
+    # ---- /recovery -------------------------------------------------------------------------------------
+
+    def on_command(self, ack, body, command):
+        if self.refusal(body):
+            ack(text="Only 2FA-reset approvers may use /recovery.")
+            return
+        ack(text=self.lookup((command.get("text") or "").strip()))
+
+    def lookup(self, query: str) -> str:
+        with self.c.recovery.service() as svc:
+            now = svc.now
+            if not query or query == "pending":
+                rows = svc.s.scalars(select(Case).where(Case.state == State.AWAITING_APPROVAL.value)
+                                     .order_by(Case.created_at).limit(30)).all()
+                if not rows:
+                    return "No cases are waiting for approval."
+                return "Waiting for approval:\n" + "\n".join(
+                    f"• `{c.id}` {c.risk_level} risk, waiting {_age(now - c.updated_at)}" for c in rows)
+            if query.upper().startswith("RC-"):
+                try:
+                    case = svc.get(query.upper())
+                except NotFound:
+                    return f"No case {query}."
+                return _describe(case, now)
+            if "@" in query:
+                profile = svc.directory.find_by_email(query)
+                if profile is None:
+                    return "No account has that email."
+                rows = svc.s.scalars(select(Case).where(Case.account_id == profile.id)
+                                     .order_by(Case.created_at.desc()).limit(10)).all()
+                return "\n".join(_describe(c, now) for c in rows) or "That account has no recovery cases."
+            return self.c.renderer.block(card.TEMPLATE, "slash_help", {})
+
+
+def _values(view: dict) -> dict:
+    return (view.get("state") or {}).get("values") or {}
+
+
+def _age(delta: timedelta) -> str:
+    minutes = int(delta.total_seconds() // 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+
+
+def _describe(case: Case, now) -> str:
+    return (f"`{case.id}` {case.state.replace('_', ' ')}, {case.risk_level or '-'} risk, opened "
+            f"{_age(now - case.created_at)} ago" + (f" ({case.final_reason})" if case.final_reason else ""))
+
+
+def build_app(container, client: WebClient) -> App:
+    settings = container.settings
+    # On a failed signature Bolt logs the whole request body (customer data) at INFO.
+    logging.getLogger("slack_bolt").setLevel(logging.WARNING)
+    app = App(client=client, signing_secret=settings.SLACK_SIGNING_SECRET or None,
+              token_verification_enabled=False, ssl_check_enabled=False, url_verification_enabled=True,
+              request_verification_enabled=not settings.SLACK_APP_TOKEN or bool(settings.SLACK_SIGNING_SECRET))
+    approvals = Approvals(container, client)
+    app.action(card.APPROVE)(approvals.on_button)
+    app.action(card.DENY)(approvals.on_button)
+    app.view(APPROVE_VIEW)(approvals.on_submit)
+    app.view(DENY_VIEW)(approvals.on_submit)
+    app.command("/recovery")(approvals.on_command)
+    app.approvals = approvals  # for tests and the benchmark
+    return app
