@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from bot.http import ApiError, json_body, storable_text
 from bot.templates import pick_locale
 from recovery import inbox
-from recovery.dialog import redact_codes
+from recovery.redact import redact_text
 from recovery.models import ChatMessage, ChatSession
 from recovery.outbox import Outgoing, PermanentFailure
 
@@ -98,7 +98,7 @@ def post_message(session_id: str):
                                now=now, payload={"session_id": session_id, "text_enc": c.keyring.encrypt(text),
                                                  "ip": request.remote_addr, "locale": chat.locale})
             if stored:
-                s.add(ChatMessage(session_id=session_id, sender="customer", text=redact_codes(text),
+                s.add(ChatMessage(session_id=session_id, sender="customer", text=redact_text(text),
                                   buttons=[], created_at=now))
     except IntegrityError:
         stored = False

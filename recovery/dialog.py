@@ -1,43 +1,59 @@
 """The customer dialog, the same for every channel: a message in, message keys out (via the outbox).
 
 Channels hand over plain text plus what they know of the contact; they render the keys with their
-templates. The dialog never asks for a password, an authenticator code or a recovery phrase: the only
-code it asks for is the one it emailed to the address on file.
+templates. The dialog never asks for a password, an authenticator code, a recovery code or a recovery
+phrase: the only code it asks for is the one it emailed to the address on file. Whatever a customer
+pastes, secrets are masked (recovery.redact) before anything is stored, and the customer is warned.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from recovery import limits
+from recovery import limits, router
 from recovery.cases import CODE_EXPIRED, CODE_LOCKED, CODE_OK, CODE_REJECTED, CaseService
+from recovery.checks import PASS
 from recovery.deps import Deps
 from recovery.errors import IllegalTransition, LimitReached
-from recovery.machine import FINAL, State
-from recovery.models import Conversation
+from recovery.machine import FINAL, OPEN, State
+from recovery.models import Case, Conversation
+from recovery.redact import CODE, MASKS, redact
+
+log = logging.getLogger(__name__)
 
 EMAIL = re.compile(r"[^@\s<>(),;:]+@[^@\s<>(),;:]+\.[A-Za-z]{2,}")
-CODE = re.compile(r"(?<!\d)(\d[\s-]?){5}\d(?!\d)")
 CJK = re.compile(r"[\u3400-\u9fff]")
+LATIN_WORD = re.compile(r"[A-Za-z]{2,}")
+RESEND = re.compile(r"resend|again|重寄|重新|再寄", re.I)
 
-INTENTS = (
-    ("lang_en", re.compile(r"^\s*(english|英文)\s*$", re.I)),
-    ("lang_zh", re.compile(r"^\s*(中文|繁體中文|chinese)\s*$", re.I)),
-    ("cancel", re.compile(r"\bcancel\b|取消", re.I)),
-    ("status", re.compile(r"\bstatus\b|progress|進度|狀態|进度", re.I)),
-    ("recover", re.compile(r"lost|lose|stolen|broke|recover|reset|can'?t (access|log)|cannot (access|log)|"
-                           r"no longer have|new phone|遺失|丟|不見|找回|重設|重置|換手機|恢復", re.I)),
-    ("what_is_2fa", re.compile(r"what.*(2fa|two.?factor|authenticator)|什麼是|何謂|兩步驟|雙重驗證", re.I)),
-)
+AWAITING = ("await_email", "await_code", "await_fact")  # the bot asked for something specific
+SEVERE = ("recovery_phrase", "private_key", "recovery_code", "password")  # warned about, turn ends
+MENU = ("lost_authenticator", "what_is_2fa", "code_rejected", "new_phone")
+# Each intent's quick-reply button (template block btn_<key>); its label routes back to the intent.
+BUTTON = {"start_recovery": "lost_authenticator", "cancel": "cancel_request"} | {
+    i: i for i in router.TOPICS + ("talk_to_person", "case_status")}
+FOLLOW_UPS = {
+    "what_is_2fa": ("why_2fa", "enable_2fa"),
+    "why_2fa": ("enable_2fa", "safety"),
+    "enable_2fa": ("new_phone", "code_rejected"),
+    "code_rejected": ("lost_authenticator", "talk_to_person"),
+    "new_phone": ("enable_2fa", "lost_authenticator"),
+    "lost_access": ("lost_authenticator", "talk_to_person"),
+    "safety": ("lost_authenticator", "talk_to_person"),
+}
 
 
 @dataclass(frozen=True)
 class TurnResult:
     """What a channel needs to know after a turn: the text it may keep (secrets masked) and which kinds
-    of secret were found, so it can redact the message at the source where the channel allows it."""
+    of secret were found ("recovery_phrase", "private_key", "recovery_code", "password", "code"), so it
+    can redact the message at the source where the channel allows it. An expected email code is masked
+    and named ("code") too; whether the customer was warned is the dialog's business."""
     stored_text: str
     secrets: tuple[str, ...] = ()
 
@@ -51,22 +67,6 @@ class Incoming:
     ip: str | None = None
     verified_account_id: str | None = None
     meta: dict = field(default_factory=dict)
-
-
-def intent(text: str) -> str | None:
-    for name, pattern in INTENTS:
-        if pattern.search(text):
-            return name
-    return None
-
-
-def looks_like_code(text: str) -> bool:
-    return bool(CODE.search(text))
-
-
-def redact_codes(text: str) -> str:
-    """Mask anything shaped like a one-time code before a transcript is stored."""
-    return CODE.sub("••••••", text)
 
 
 class Dialog:
@@ -94,43 +94,147 @@ class Dialog:
         reprocessed event cannot post its replies twice."""
         self._turn, self._n = turn, 0
         conv = self._conversation(msg)
-        text = msg.text.strip()
-        if CJK.search(text) and conv.locale != "zh-TW":
+        masked = redact(msg.text)
+        self._follow_language(conv, masked.text)
+        if masked.found:
+            # The turn (inbox event) id, not the conversation key: a web chat key reads its transcript.
+            log.info("turn %s: masked %s", turn, ", ".join(masked.kinds))
+        if not self._warned(conv, masked.kinds) and not self._resumed(conv, msg):
+            self._respond(conv, msg, msg.text.strip())
+        conv.updated_at = self.now
+        return TurnResult(masked.text, masked.kinds)
+
+    # ---- safety and language -------------------------------------------------------------------------
+
+    def _warned(self, conv: Conversation, kinds: tuple[str, ...]) -> bool:
+        """Warn about pasted secrets; True when the turn ends here. A code is expected only where the bot
+        asked for one (the emailed code) or asked a question a number may answer."""
+        severe = [k for k in kinds if k in SEVERE]
+        if severe:
+            self.say(conv, "secret_warning", "lost_authenticator", "safety", kinds=severe)
+            return True
+        if "code" in kinds and conv.stage not in ("await_code", "await_fact"):
+            self.say(conv, "never_ask")
+            return True
+        return False
+
+    @staticmethod
+    def _follow_language(conv: Conversation, text: str) -> None:
+        """Reply in the language the customer writes: Chinese characters mean zh-TW, a few English words
+        mean English; masks and emails say nothing about it. A language the customer chose sticks."""
+        if (conv.data or {}).get("language_chosen"):
+            return
+        for mask in MASKS.values():
+            text = text.replace(mask, " ")
+        text = EMAIL.sub(" ", text)
+        if CJK.search(text):
             conv.locale = "zh-TW"
-        kind = intent(text)
-        if kind in ("lang_en", "lang_zh"):
-            conv.locale = "en" if kind == "lang_en" else "zh-TW"
-            self.say(conv, "language_switched")
-        elif kind == "status":
-            self._status(conv)
-        elif kind == "cancel" and conv.case_id:
-            self._cancel(conv)
-        elif conv.stage == "await_email":
-            self._email(conv, msg, text)
+        elif len(LATIN_WORD.findall(text)) >= 3:
+            conv.locale = "en"
+
+    # ---- routing ---------------------------------------------------------------------------------------
+
+    def _respond(self, conv: Conversation, msg: Incoming, text: str) -> None:
+        misses = (conv.data or {}).get("unsure", 0)  # "unsure twice in a row": any other turn resets it
+        if misses:
+            self._remember(conv, unsure=0)
+        command = router.command(text)
+        if command is not None:  # unmistakable: it interrupts whatever was asked
+            self._do(conv, msg, command, confirmed=True)
         elif conv.stage == "await_code":
             self._code(conv, msg, text)
         elif conv.stage == "await_fact":
-            self._fact(conv, text)
-        elif kind == "recover":
-            self._start(conv)
-        elif kind == "what_is_2fa":
-            self.say(conv, "what_is_2fa", "lost_authenticator")
-        elif looks_like_code(text):
-            # a code nobody asked for is likely an authenticator code: we never need it
-            self.say(conv, "never_ask")
+            self._fact(conv, text)  # whatever it says is the answer, checked like any other
+        elif conv.stage == "await_email" and EMAIL.search(text):
+            self._email(conv, msg, text)
         else:
-            self.say(conv, "menu", "lost_authenticator", "what_is_2fa")
-        conv.updated_at = self.now
-        stored = redact_codes(msg.text)
-        return TurnResult(stored, ("code",) if stored != msg.text else ())
+            routing = router.route(text)
+            off_topic = routing.unsure or routing.intent in ("something_else", "greeting")
+            if conv.stage == "await_email" and off_topic:
+                self.say(conv, "bad_email")
+            elif routing.unsure:
+                self._unsure(conv, routing, misses + 1)
+            else:
+                self._do(conv, msg, routing.intent)
 
-    # ---- steps ------------------------------------------------------------------------------------
+    def _do(self, conv: Conversation, msg: Incoming, intent: str, *, confirmed: bool = False) -> None:
+        if intent in ("lang_en", "lang_zh"):
+            conv.locale = "en" if intent == "lang_en" else "zh-TW"
+            self._remember(conv, language_chosen=True)
+            self.say(conv, "language_switched")
+        elif intent == "case_status":
+            self._status(conv)
+        elif intent == "cancel":
+            self._cancel(conv, confirmed=confirmed)
+        elif intent == "talk_to_person":
+            self._handover(conv, "customer_asked")
+        elif intent == "start_recovery":
+            self._start(conv)
+        elif intent in router.TOPICS:
+            self.say(conv, intent, *FOLLOW_UPS[intent], **self._guidance_context())
+        elif intent == "greeting":
+            self.say(conv, "menu", *MENU)
+        else:
+            self.say(conv, "something_else", "lost_authenticator", "what_is_2fa", "talk_to_person")
+
+    def _unsure(self, conv: Conversation, routing: router.Routing, misses: int) -> None:
+        """Ask rather than guess; a second miss in a row goes to a person."""
+        if misses >= 2:
+            self._handover(conv, "bot_unsure")
+            return
+        self._remember(conv, unsure=misses)
+        offered = [BUTTON[i] for i in routing.candidates if i in BUTTON and i != "talk_to_person"][:3]
+        self.say(conv, "clarify", *(offered or MENU[:2]), "talk_to_person")
+
+    @staticmethod
+    def _remember(conv: Conversation, **values) -> None:
+        conv.data = dict(conv.data or {}, **values)  # a new dict, so the JSON column is written
+
+    def _guidance_context(self) -> dict:
+        holds = [rule.hold_hours for rule in self.deps.policy.levels.values()]
+        return {"hold_hours_min": min(holds), "hold_hours_max": max(holds)}
+
+    def _handover(self, conv: Conversation, reason: str) -> None:
+        """The handover contract: channels with people (Intercom) assign the conversation and post the
+        `handover_note` block with this context; the web chat points to support by email."""
+        case = self._current_case(conv)
+        context = {"case_id": case.id if case else None, "state": case.state if case else None,
+                   "reason": reason, "channel": conv.channel, "language": conv.locale}
+        if case is not None:
+            context |= {"risk": case.risk_level, "risk_reasons": list(case.risk_reasons or []),
+                        "checks": [{"name": c.name, "result": c.result} for c in self.cases.checks(case)]}
+        self.say(conv, "handover", **context)
+
+    # ---- conversation state -------------------------------------------------------------------------------
 
     def _current_case(self, conv: Conversation):
         if not conv.case_id:
             return None
-        case = self.cases.get(conv.case_id)
-        return case
+        return self.cases.get(conv.case_id)
+
+    def _resumed(self, conv: Conversation, msg: Incoming) -> bool:
+        """A logged-in contact whose account has an open case continues it here instead of opening a
+        second one: the conversation takes the case over, and the case's news now comes here."""
+        if conv.case_id or not msg.verified_account_id:
+            return False
+        case = self.s.scalar(select(Case).where(Case.account_id == msg.verified_account_id,
+                                                Case.state.in_([s.value for s in OPEN]))
+                             .order_by(Case.created_at.desc()).limit(1))
+        if case is None:
+            return False
+        conv.case_id, case.conversation_id = case.id, conv.key
+        self.say(conv, "case_resumed", case_id=case.id)
+        if case.state != State.VERIFYING:
+            conv.stage = "waiting"
+            self._status(conv)
+        elif self.cases.check(case, "email_code").result == PASS:
+            self._ask_next(conv, case)
+        else:
+            conv.stage = "await_code"
+            self.say(conv, "ask_code", "resend_code")
+        return True
+
+    # ---- the recovery steps ---------------------------------------------------------------------------------
 
     def _start(self, conv: Conversation) -> None:
         case = self._current_case(conv)
@@ -142,9 +246,6 @@ class Dialog:
 
     def _email(self, conv: Conversation, msg: Incoming, text: str) -> None:
         match = EMAIL.search(text)
-        if not match:
-            self.say(conv, "bad_email")
-            return
         if not self._allowed(msg, "open", per_contact=3, per_ip=10):
             self.say(conv, "rate_limited")
             return
@@ -168,7 +269,7 @@ class Dialog:
             conv.stage = "idle"
             self._status(conv)
             return
-        if re.search(r"resend|again|重寄|重新|再寄", text, re.I):
+        if RESEND.search(text):
             try:
                 self.cases.resend_code(case.id)
                 self.say(conv, "code_resent", minutes=self.deps.policy.code_ttl_minutes)
@@ -184,7 +285,7 @@ class Dialog:
                              per_ip=p.attempts_per_ip_per_hour):
             self.say(conv, "rate_limited")
             return
-        outcome = self.cases.submit_code(case.id, match.group(0))
+        outcome = self.cases.submit_code(case.id, re.sub(r"\D", "", match.group(0)))
         if outcome.status == CODE_OK:
             self._ask_next(conv, case, first=True)
         elif outcome.status == CODE_EXPIRED:
@@ -224,10 +325,16 @@ class Dialog:
         else:
             self.say(conv, "case_status", state=case.state, case_id=case.id)
 
-    def _cancel(self, conv: Conversation) -> None:
+    def _cancel(self, conv: Conversation, *, confirmed: bool) -> None:
         case = self._current_case(conv)
         if case is None or State(case.state) in FINAL:
-            self._status(conv)
+            if conv.stage == "await_email":
+                conv.stage = "idle"  # nothing opened yet: just stop asking for the address
+            self.say(conv, "nothing_to_cancel", "lost_authenticator")
+            return
+        if not confirmed:
+            # The statistical router thinks so, but losing a case to a misread sentence would hurt: ask.
+            self.say(conv, "cancel_confirm", "cancel_request", "case_status", case_id=case.id)
             return
         # Cancelling only ever makes an account safer, so the chat may do it without proof.
         self.cases.cancel(case.id, actor="customer", channel=conv.channel, reason="cancelled in chat")
