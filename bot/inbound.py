@@ -7,7 +7,7 @@ from recovery.dialog import Dialog, Incoming
 from recovery.models import InboxEvent
 
 
-def make_handler(deps, keyring):
+def make_handler(deps, keyring, *, intercom=None):
     def handle(session: Session, event: InboxEvent) -> None:
         if event.source == "webchat":
             payload = event.payload
@@ -19,6 +19,8 @@ def make_handler(deps, keyring):
             # Processed: keep only what the transcript keeps, so the plain text is not at rest.
             event.payload = {k: v for k, v in payload.items() if k != "text_enc"} | {
                 "text_redacted": result.stored_text}
+        elif event.source == "intercom" and intercom is not None:
+            intercom.handle(session, event)  # bot/intercom/inbound.py
         else:
             raise ValueError(f"no handler for inbox source {event.source!r}")
     return handle
