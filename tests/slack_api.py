@@ -14,6 +14,12 @@ TEAM = "T0OURTEAM"
 SIGNING_SECRET = "slack-signing-secret-for-tests"
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog of 5 drops connections under a burst of concurrent calls
+    # (the client then waits a 1 s SYN retransmit, or gets a reset); Slack's servers do not.
+    request_queue_size = 128
+
+
 class FakeSlack:
     def __init__(self):
         self.calls: list[tuple[str, dict]] = []
@@ -58,7 +64,7 @@ class FakeSlack:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

@@ -7,6 +7,7 @@ re-read from the database by the message the button is on; the button's value is
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from slack_bolt import App
@@ -22,6 +23,11 @@ from recovery.models import Case, SlackCard
 
 log = logging.getLogger(__name__)
 APPROVE_VIEW, DENY_VIEW = "approve_modal", "deny_modal"
+# Bolt runs listeners on a pool of 5 threads by default, and a click is only acked once a pool thread
+# picks it up. Each click's views.open waits on Slack (0.1-0.3 s), so with 5 threads a burst of 50
+# clicks is acked about 2 s late, close to Slack's 3 s limit and the trigger_id's life (see
+# docs/performance.md). Listeners hold a database connection only briefly, never while calling Slack.
+LISTENER_THREADS = 32
 
 
 def make_client(settings) -> WebClient:
@@ -187,7 +193,7 @@ class Approvals:
                 try:
                     case = svc.get(query.upper())
                 except NotFound:
-                    return f"No case {query}."
+                    return f"No case {card.escape(query)}."
                 return _describe(case, now)
             if "@" in query:
                 profile = svc.directory.find_by_email(query)
@@ -209,17 +215,33 @@ def _age(delta: timedelta) -> str:
 
 
 def _describe(case: Case, now) -> str:
+    reason = f" ({card.escape(case.final_reason)})" if case.final_reason else ""
     return (f"`{case.id}` {case.state.replace('_', ' ')}, {case.risk_level or '-'} risk, opened "
-            f"{_age(now - case.created_at)} ago" + (f" ({case.final_reason})" if case.final_reason else ""))
+            f"{_age(now - case.created_at)} ago{reason}")
+
+
+def bolt_logger() -> logging.Logger:
+    """The base logger handed to Bolt, pinned at WARNING.
+
+    On a failed signature Bolt logs the whole request body (customer data) at INFO. Quieting the
+    "slack_bolt" logger is not enough: without a base logger, each Bolt component copies the root
+    logger's level at construction (INFO under `recoverybot serve`), and that own level wins over
+    its parent's. With a base logger, every component copies this one's level instead.
+    """
+    logger = logging.getLogger("bot.slack.bolt")
+    logger.setLevel(logging.WARNING)
+    return logger
 
 
 def build_app(container, client: WebClient) -> App:
     settings = container.settings
-    # On a failed signature Bolt logs the whole request body (customer data) at INFO.
     logging.getLogger("slack_bolt").setLevel(logging.WARNING)
-    app = App(client=client, signing_secret=settings.SLACK_SIGNING_SECRET or None,
+    # Verification stays on even in Socket Mode, whose requests Bolt itself exempts; the HTTP route
+    # is only mounted when there is a signing secret to check (bot/web.py).
+    app = App(client=client, signing_secret=settings.SLACK_SIGNING_SECRET.strip(), logger=bolt_logger(),
               token_verification_enabled=False, ssl_check_enabled=False, url_verification_enabled=True,
-              request_verification_enabled=not settings.SLACK_APP_TOKEN or bool(settings.SLACK_SIGNING_SECRET))
+              request_verification_enabled=True,
+              listener_executor=ThreadPoolExecutor(max_workers=LISTENER_THREADS, thread_name_prefix="slack-listener"))
     approvals = Approvals(container, client)
     app.action(card.APPROVE)(approvals.on_button)
     app.action(card.DENY)(approvals.on_button)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import quote
 
 from sqlalchemy import func, select
 
@@ -21,6 +22,28 @@ APPROVE, DENY = "approve_case", "deny_case"
 def mask_email(email: str) -> str:
     name, _, domain = email.partition("@")
     return f"{name[:1]}{'•' * max(2, len(name) - 1)}@{domain}"
+
+
+def escape(text: str | None) -> str | None:
+    """Make typed text (a customer's file name, an approver's reason) inert in mrkdwn: no mentions such
+    as <!channel>, no disguised links. Slack asks for exactly these three characters to be escaped."""
+    if text is None:
+        return None
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def conversation_link(template: str):
+    """case -> the staff link to its customer conversation, or None.
+
+    Only Intercom conversations get one (SLACK_CONVERSATION_URL, with `{id}`): a web-chat conversation's
+    key is the customer's own session secret and must never reach Slack.
+    """
+    def link(case: Case) -> str | None:
+        prefix, _, conversation = (case.conversation_id or "").partition(":")
+        if not template or prefix != "intercom" or not conversation:
+            return None
+        return template.replace("{id}", quote(conversation, safe=""))
+    return link
 
 
 def check_summary(chk: CaseCheck) -> str:
@@ -62,7 +85,11 @@ def render(renderer, session, deps, case: Case, *, conversation_url: str | None 
                                                                Case.id != case.id)) if case.account_id else 0
     ctx = dict(case=case, masked_email=mask_email(profile.email) if profile else "-", profile=profile,
                checks=[{"name": c.name, "result": c.result, "summary": check_summary(c)} for c in checks],
-               approvals=approvals, documents=documents, rule=deps.policy.rule(case.risk_level or "high"),
+               approvals=[{"approver": a.approver, "decision": a.decision, "at": a.at, "reason": escape(a.reason)}
+                          for a in approvals],
+               documents=[{"name": escape(d.name), "content_type": escape(d.content_type), "size": d.size,
+                           "sha256": d.sha256} for d in documents],
+               final_reason=escape(case.final_reason), rule=deps.policy.rule(case.risk_level or "high"),
                account_age_days=(now - profile.created_at).days if profile else 0, recent_events=recent,
                earlier_cases=earlier, conversation_url=conversation_url)
     block = lambda name: renderer.block(TEMPLATE, name, ctx)  # noqa: E731

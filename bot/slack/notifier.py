@@ -63,6 +63,7 @@ class SlackStaffNotifier:
                                      reply_broadcast=event == "approval_escalation")
 
     def _text(self, block: str, case_id: str, context: dict, **extra) -> str:
+        context = {k: card.escape(v) if isinstance(v, str) else v for k, v in context.items()}
         return self.renderer.block(card.TEMPLATE, block, dict(case_id=case_id, context=context, **extra))
 
     def _post_card(self, case_id: str, data: card.CardData) -> None:

@@ -1,0 +1,343 @@
+#!/usr/bin/env python
+"""Benchmark of the Slack approval path: how fast a click is acknowledged, and how fast a decision is made.
+
+    .venv/bin/python benchmarks/slack_ack.py [--clicks 50] [--rounds 6] [--api-latency 0.2]
+                                             [--pg-admin-url URL] [--json FILE]
+
+Slack gives an app 3 seconds to acknowledge a click, and a modal can only be opened with the click's
+trigger_id within those 3 seconds. This measures, on PostgreSQL, against two apps served the same way
+(werkzeug's threaded `make_server` in a child process, the same signing secret and the same signed
+request bodies):
+
+  bare  a slack-bolt App whose listeners only call ack(), behind the same Flask adapter;
+  ours  the product: bot.wiring.build + bot.web.create_app, with Slack pointed at a local fake Slack Web
+        API (tests/slack_api.py) in this process.
+
+Phases, each `rounds` bursts of `clicks` requests released together by a barrier:
+  click ack        Approve clicks (block_actions) on the cards of `clicks` awaiting cases; latency is
+                   request sent -> HTTP response (the ack). Ours acks first, then re-reads the case and
+                   calls views.open; "click -> views.open" is when the fake Slack received that call.
+                   Run twice: the fake API answering at once, and after --api-latency seconds (real Slack
+                   answers in about 0.1-0.3 s), since a slow API ties up the listener threads.
+  submission       Approve-modal submissions (view_submission), each on its own low-risk case: ours makes
+                   the decision (a locked, audited state change on PostgreSQL) before it acks. Every case
+                   is checked afterwards to hold exactly one approval.
+See docs/performance.md ("Slack approvals") for figures and caveats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+from sqlalchemy import create_engine, func, select, text  # noqa: E402
+
+from tests.slack_api import SIGNING_SECRET, FakeSlack, button_click, signed, submission  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+SECRET = "bench-secret-key-0123456789-abcdefghijklmnop"
+CHANNEL, APPROVER = "C0APPROVE", "UALICE"
+SLACK_LIMIT = 3.0
+
+
+class SlowSlack(FakeSlack):
+    """The fake Slack Web API, answering after `latency` seconds like the real one over the internet."""
+
+    latency = 0.0
+
+    def answer(self, method: str, args: dict) -> dict:
+        if self.latency:
+            time.sleep(self.latency)
+        return super().answer(method, args)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings(db_url: str, slack_url: str, workdir: str, port: int) -> dict:
+    return dict(DATABASE_URL=db_url, SECRET_KEY=SECRET, LOG_LEVEL="WARNING", SLACK_BOT_TOKEN="xoxb-bench",
+                SLACK_SIGNING_SECRET=SIGNING_SECRET, SLACK_APPROVAL_CHANNEL=CHANNEL, SLACK_APPROVER_IDS=APPROVER,
+                SLACK_API_URL=slack_url, MAIL_OUTBOX_DIR=os.path.join(workdir, "mail"),
+                PUBLIC_BASE_URL=f"http://127.0.0.1:{port}")
+
+
+# ---- the two servers (child processes) ------------------------------------------------------------------
+
+def bare_app(slack_url: str):
+    from flask import Flask, request
+    from slack_bolt import App
+    from slack_bolt.adapter.flask import SlackRequestHandler
+    from slack_sdk import WebClient
+
+    bolt = App(client=WebClient(token="xoxb-bench", base_url=slack_url), signing_secret=SIGNING_SECRET,
+               token_verification_enabled=False, ssl_check_enabled=False)
+    bolt.action("approve_case")(lambda ack: ack())
+    bolt.view("approve_modal")(lambda ack: ack())
+    flask = Flask("bare")
+    handler = SlackRequestHandler(bolt)
+    flask.add_url_rule("/slack/events", "slack_events", lambda: handler.handle(request), methods=["POST"])
+    return flask
+
+
+def server_main(kind: str, conf: dict, port: int, ready) -> None:
+    from werkzeug.serving import make_server
+
+    logging.basicConfig(level=logging.WARNING, format=f"{kind} server: %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    if kind == "bare":
+        app = bare_app(conf["SLACK_API_URL"])
+    else:
+        from bot.web import create_app
+        from bot.wiring import build
+        from recovery.config import load_settings
+
+        app = create_app(build(load_settings(**conf)))  # the web process; no worker, like `recoverybot web`
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    ready.set()
+    server.serve_forever()
+
+
+class Server:
+    def __init__(self, kind: str, conf: dict, port: int):
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        self.url = f"http://127.0.0.1:{port}/slack/events"
+        self.proc = ctx.Process(target=server_main, args=(kind, conf, port, ready), daemon=True)
+        self.proc.start()
+        if not ready.wait(60):
+            self.stop()
+            raise RuntimeError(f"the {kind} server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.join(timeout=10)
+
+
+# ---- cases and cards, made through the product's own code ----------------------------------------------
+
+def awaiting_cases(c, n: int, prefix: str) -> list[str]:
+    """n low-risk cases awaiting approval, their cards posted to the fake Slack."""
+    from tests.conftest import code_in
+    from tests.helpers import account, load_accounts
+    from tests.test_security import folder_mails
+
+    records = [account(f"acct-{prefix}-{i}", f"{prefix}{i}@example.com") for i in range(n)]
+    for rec in records:
+        rec.pop("password")  # no argon2 per account
+    load_accounts(c, records)
+    ids = []
+    for rec in records:
+        with c.recovery.service() as svc:
+            ids.append(svc.open(conversation_key=f"webchat:{uuid.uuid4().hex}", channel="webchat",
+                                email=rec["email"], locale="en").id)
+    c.worker.drain()
+    codes = {m["X-Recovery-Case"]: code_in(m) for m in folder_mails(c, "verification_code")}
+    for case_id in ids:
+        with c.recovery.service() as svc:
+            svc.submit_code(case_id, codes[case_id])
+            case = svc.get(case_id)
+            facts, question = svc.directory.get(case.account_id).facts, svc.next_question(case)
+        while question is not None:
+            with c.recovery.service() as svc:
+                question = svc.answer_fact(case_id, facts[question])
+    c.worker.drain()
+    return ids
+
+
+def cards(c, case_ids: list[str]) -> dict[str, tuple[str, str]]:
+    from recovery.models import SlackCard
+
+    with c.db.transaction() as s:
+        return {row.case_id: (row.channel, row.message_ts)
+                for row in s.scalars(select(SlackCard).where(SlackCard.case_id.in_(case_ids)))}
+
+
+# ---- load ----------------------------------------------------------------------------------------------------
+
+def burst(url: str, bodies: list[str]) -> list[tuple[float, float, int]]:
+    """POST all bodies at the same moment, each freshly signed; returns (sent, answered, status) per body."""
+    barrier = threading.Barrier(len(bodies))
+    out: list = [None] * len(bodies)
+
+    def one(i: int) -> None:
+        headers = signed(bodies[i])
+        barrier.wait()
+        sent = time.monotonic()
+        try:
+            status = requests.post(url, data=bodies[i], headers=headers, timeout=30).status_code
+        except requests.RequestException:
+            status = 0
+        out[i] = (sent, time.monotonic(), status)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def row(name: str, app: str, seconds: list[float], errors: int = 0) -> dict:
+    return {"phase": name, "app": app, "n": len(seconds), "errors": errors,
+            "p50_ms": pct(seconds, 50) * 1000, "p99_ms": pct(seconds, 99) * 1000, "max_ms": max(seconds) * 1000,
+            "over_3s": sum(s > SLACK_LIMIT for s in seconds)}
+
+
+def click_phase(name: str, servers: dict, fake: SlowSlack, card_of: dict, rounds: int, rows: list) -> None:
+    for app, server in servers.items():
+        acks, opened, errors = [], [], 0
+        for r in range(rounds):
+            triggers = {case_id: f"trig-{app}-{r}-{uuid.uuid4().hex[:8]}" for case_id in card_of}
+            bodies = [button_click("approve_case", case_id=case_id, channel=ch, message_ts=ts, user=APPROVER,
+                                   trigger=triggers[case_id]) for case_id, (ch, ts) in card_of.items()]
+            results = burst(server.url, bodies)
+            acks += [done - sent for sent, done, _ in results]
+            errors += sum(status != 200 for _, _, status in results)
+            if app == "ours":
+                sent_at = {triggers[case_id]: results[i][0] for i, case_id in enumerate(card_of)}
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    seen = {v["trigger_id"]: v["_at"] for v in fake.named("views.open") if v["trigger_id"] in sent_at}
+                    if len(seen) == len(sent_at):
+                        break
+                    time.sleep(0.05)
+                errors += len(sent_at) - len(seen)
+                opened += [seen[t] - sent_at[t] for t in seen]
+        rows.append(row(f"click ack, {name}", app, acks, errors))
+        if app == "ours":
+            rows.append(row(f"click -> views.open, {name}", app, opened))
+
+
+def submission_phase(servers: dict, view_of: dict, batches: list[list[str]], rows: list) -> None:
+    for app, server in servers.items():
+        took, errors = [], 0
+        for batch in batches:
+            results = burst(server.url, [submission(view_of[case_id], user=APPROVER) for case_id in batch])
+            took += [done - sent for sent, done, _ in results]
+            errors += sum(status != 200 for _, _, status in results)
+        rows.append(row("modal submission (decision)", app, took, errors))
+
+
+def render(rows: list[dict]) -> str:
+    bare = {r["phase"]: r for r in rows if r["app"] == "bare"}
+    lines = [f"{'phase':<34} {'app':<5} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'x bare p50':>10} "
+             f"{'x bare p99':>10} {'> 3 s':>6} {'errors':>6}"]
+    for r in rows:
+        base = bare.get(r["phase"])
+        ratio = (lambda k: f"{r[k] / base[k]:.1f}" if base and base[k] else "-")
+        lines.append(f"{r['phase']:<34} {r['app']:<5} {r['n']:>5} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+                     f"{r['max_ms']:>8.1f} {ratio('p50_ms') if r['app'] != 'bare' else '1.0':>10} "
+                     f"{ratio('p99_ms') if r['app'] != 'bare' else '1.0':>10} {r['over_3s']:>6} {r['errors']:>6}")
+    return "\n".join(lines)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clicks", type=int, default=50, help="concurrent requests per burst (default 50)")
+    p.add_argument("--rounds", type=int, default=6, help="bursts per phase and app (default 6)")
+    p.add_argument("--api-latency", type=float, default=0.2,
+                   help="seconds the slow fake Slack API takes to answer (default 0.2)")
+    p.add_argument("--pg-admin-url", default=PG_ADMIN_URL, help="creates and drops the scratch database")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+
+    from bot.wiring import build
+    from recovery import db as dbmod
+    from recovery.config import load_settings
+    from recovery.models import Approval
+
+    name = f"rb_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    db_url = args.pg_admin_url.rsplit("/", 1)[0] + f"/{name}"
+    fake = SlowSlack()
+    servers: dict = {}
+    try:
+        dbmod.upgrade(db_url)
+        workdir = tempfile.mkdtemp(prefix="slack-bench-")
+        ports = {"bare": free_port(), "ours": free_port()}
+        conf = settings(db_url, fake.url, workdir, ports["ours"])
+        c = build(load_settings(**conf))
+        click_cases = awaiting_cases(c, args.clicks, "click")
+        decide_cases = awaiting_cases(c, args.clicks * args.rounds, "decide")
+        card_of = cards(c, click_cases)
+        c.close()
+        print(f"{len(click_cases)} cases to click on, {len(decide_cases)} to decide; setup "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+
+        servers = {kind: Server(kind, conf, ports[kind]) for kind in ("bare", "ours")}
+        warm = [button_click("approve_case", case_id=k, channel=ch, message_ts=ts, user=APPROVER)
+                for k, (ch, ts) in list(card_of.items())[:5]]
+        for server in servers.values():
+            burst(server.url, warm)  # first request: imports, auth.test, connection pool
+
+        rows: list[dict] = []
+        fake.latency = 0.0
+        click_phase("API at once", servers, fake, card_of, args.rounds, rows)
+        fake.latency = args.api_latency
+        click_phase(f"API {args.api_latency * 1000:.0f} ms", servers, fake, card_of, args.rounds, rows)
+        fake.latency = 0.0
+        # the approve modal each case's click opened: what Slack sends back on submission
+        view_of = {v["view"]["private_metadata"].split("|")[0]: v["view"] for v in fake.named("views.open")}
+        for case_id in decide_cases:  # not clicked on yet: open their modals the same way
+            if case_id not in view_of:
+                view_of[case_id] = {"callback_id": "approve_modal", "private_metadata": f"{case_id}|{CHANNEL}",
+                                    "blocks": [], "title": {"type": "plain_text", "text": "Approve reset"}}
+        batches = [decide_cases[i:i + args.clicks] for i in range(0, len(decide_cases), args.clicks)]
+        # the bare app acks the same bodies; ours decides each case once, so it goes last on these cases
+        submission_phase({"bare": servers["bare"]}, view_of, batches, rows)
+        submission_phase({"ours": servers["ours"]}, view_of, batches, rows)
+
+        engine = create_engine(db_url)
+        with engine.connect() as conn:
+            decided = conn.execute(select(Approval.case_id, func.count()).where(Approval.case_id.in_(decide_cases))
+                                   .group_by(Approval.case_id)).all()
+        engine.dispose()
+        one_each = len(decided) == len(decide_cases) and all(n == 1 for _, n in decided)
+
+        print(f"\nPostgreSQL, {args.clicks} concurrent requests per burst, {args.rounds} bursts per phase and app; "
+              f"{os.cpu_count()} CPUs, Python {platform.python_version()}; Slack's limit is {SLACK_LIMIT:.0f} s\n")
+        print(render(rows))
+        print(f"\nevery decided case holds exactly one approval: {one_each} ({len(decided)}/{len(decide_cases)})")
+        print(f"(total run time {time.perf_counter() - started:.0f} s)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "one_each": one_each}, indent=2))
+        failed = not one_each or any(r["errors"] or r["over_3s"] for r in rows)
+        return 1 if failed else 0
+    finally:
+        for server in servers.values():
+            server.stop()
+        fake.close()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
