@@ -8,6 +8,7 @@ from werkzeug.exceptions import HTTPException
 
 from bot import pages, webchat
 from bot.http import ApiError
+from bot.intercom import webhook as intercom_webhook
 
 log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024
@@ -19,7 +20,9 @@ def create_app(container) -> Flask:
     app.extensions["recoverybot"] = container
     app.register_blueprint(webchat.bp)
     app.register_blueprint(pages.bp)
-    if container.slack_app is not None:
+    app.register_blueprint(intercom_webhook.bp)
+    # Socket Mode alone (SLACK_APP_TOKEN, no signing secret) gets no HTTP route: nothing could verify it.
+    if container.slack_app is not None and container.settings.SLACK_SIGNING_SECRET.strip():
         from slack_bolt.adapter.flask import SlackRequestHandler
 
         slack = SlackRequestHandler(container.slack_app)

@@ -78,15 +78,29 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
     slack_client = None
     if settings.slack_enabled:
         from bot.slack.app import make_client
+        from bot.slack.card import conversation_link
         from bot.slack.notifier import SlackStaffNotifier
 
         slack_client = make_client(settings)
         senders["staff"] = SlackStaffNotifier(db=db, deps=deps, renderer=renderer, client=slack_client,
                                               channel=settings.SLACK_APPROVAL_CHANNEL,
-                                              security_ids=settings.SLACK_SECURITY_APPROVER_IDS)
+                                              security_ids=settings.SLACK_SECURITY_APPROVER_IDS,
+                                              conversation_url=conversation_link(settings.SLACK_CONVERSATION_URL))
+    intercom_inbound = None
+    if settings.intercom_enabled:
+        from bot.intercom.client import IntercomApi
+        from bot.intercom.inbound import IntercomInbound
+        from bot.intercom.sender import IntercomSender
+
+        intercom_api = IntercomApi(token=settings.INTERCOM_ACCESS_TOKEN,
+                                   base_url=settings.INTERCOM_API_BASE, admin_id=settings.INTERCOM_ADMIN_ID)
+        senders["chat"].senders["intercom"] = IntercomSender(
+            api=intercom_api, renderer=renderer, db=db, keyring=keyring, clock=clock,
+            handover_team_id=settings.INTERCOM_HANDOVER_TEAM_ID)
+        intercom_inbound = IntercomInbound(api=intercom_api, deps=deps)
     dispatcher = Dispatcher(db, keyring=keyring, senders=senders, clock=clock, metrics=metrics)
-    worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher, handler=make_handler(deps, keyring),
-                    clock=clock)
+    worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher,
+                    handler=make_handler(deps, keyring, intercom=intercom_inbound), clock=clock)
     container = Container(settings=settings, clock=clock, db=db, keyring=keyring, renderer=renderer,
                           metrics=metrics, deps=deps, recovery=recovery, dispatcher=dispatcher, worker=worker,
                           senders=senders)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     SLACK_APP_TOKEN: str = ""
     # Optional: our workspace id. Without it the bot asks Slack once (auth.test).
     SLACK_TEAM_ID: str = ""
+    # Optional: the card's link to an Intercom conversation, with {id} for the conversation id, e.g.
+    # https://app.intercom.com/a/inbox/APP_ID/inbox/conversation/{id}
+    SLACK_CONVERSATION_URL: str = ""
 
     SMTP_URL: str = ""
     MAIL_FROM: str = "Recovery Bot <no-reply@localhost>"
@@ -79,6 +82,13 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value
 
+    @field_validator("SLACK_CONVERSATION_URL")
+    @classmethod
+    def _conversation_url(cls, value: str) -> str:
+        if value and (not value.startswith(("http://", "https://")) or "{id}" not in value):
+            raise ValueError("must be an http(s) URL containing {id}")
+        return value
+
     @field_validator("SMTP_URL")
     @classmethod
     def _smtp(cls, value: str) -> str:
@@ -112,8 +122,17 @@ class Settings(BaseSettings):
                 raise ValueError("SLACK_APPROVAL_CHANNEL is required when Slack is configured")
             if not self.SLACK_APPROVER_IDS:
                 raise ValueError("SLACK_APPROVER_IDS is required when Slack is configured")
-        if self.INTERCOM_ACCESS_TOKEN and not self.INTERCOM_CLIENT_SECRET:
-            raise ValueError("INTERCOM_ACCESS_TOKEN is set but INTERCOM_CLIENT_SECRET is empty")
+        if self.intercom_enabled:
+            if not self.INTERCOM_CLIENT_SECRET.strip():
+                # Checked at start-up, so no webhook is ever accepted without a signature to check.
+                raise ValueError("INTERCOM_ACCESS_TOKEN is set but INTERCOM_CLIENT_SECRET is empty; "
+                                 "Intercom webhooks cannot be verified")
+            if not self.INTERCOM_ADMIN_ID.strip():
+                raise ValueError("INTERCOM_ADMIN_ID is required when Intercom is configured "
+                                 "(the admin the bot replies as)")
+        elif self.INTERCOM_CLIENT_SECRET or self.INTERCOM_ADMIN_ID or self.INTERCOM_HANDOVER_TEAM_ID:
+            raise ValueError("INTERCOM_ACCESS_TOKEN is empty but other INTERCOM_* settings are set; "
+                             "set it too, or unset them to leave the Intercom channel off")
         if not self.is_embedded_default and len(self.SECRET_KEY) < 32:
             raise ValueError("SECRET_KEY is required (at least 32 characters) outside the embedded "
                              "default (SQLite, no Slack, no Intercom)")
