@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 
 from recovery.models import AuditHead, AuditRecord
@@ -30,24 +30,46 @@ def _fields(rec: AuditRecord) -> dict:
 
 
 def append(session: Session, *, case_id: str, event: str, from_state: str | None,
-           to_state: str | None, actor: str, channel: str, reason: str | None, at: datetime) -> AuditRecord:
+           to_state: str | None, actor: str, channel: str, reason: str | None, at: datetime) -> None:
+    """Queue an audit record; it is chained and written when the transaction commits.
+
+    Chaining needs one writer at a time. Doing it at commit keeps that lock to the last moment of the
+    transaction, so concurrent decisions wait on each other for microseconds, not for whole requests.
+    """
+    session.info.setdefault(_PENDING, []).append(dict(
+        case_id=case_id, event=event, from_state=from_state, to_state=to_state, actor=actor,
+        channel=channel, reason=(reason or None) and reason[:1000], at=at))
+
+
+_PENDING = "recoverybot_audit_pending"
+
+
+@event.listens_for(Session, "before_commit")
+def _chain_pending(session: Session) -> None:
+    pending = session.info.pop(_PENDING, None)
+    if not pending:
+        return
     if session.get_bind().dialect.name == "postgresql":
         # appends are serialised so the chain never forks; SQLite already has one writer at a time
         session.execute(text("SELECT pg_advisory_xact_lock(9137001)"))
-    head = session.get(AuditHead, 1, with_for_update=True)
+    head = session.get(AuditHead, 1, with_for_update=True, populate_existing=True)
     prev_hash = head.last_hash if head else GENESIS
-    rec = AuditRecord(case_id=case_id, event=event, from_state=from_state, to_state=to_state,
-                      actor=actor, channel=channel, reason=(reason or None) and reason[:1000],
-                      at=at, prev_hash=prev_hash, hash="")
-    session.add(rec)
-    session.flush()  # assigns the id, which the hash covers
-    rec.hash = _digest(prev_hash, _fields(rec))
-    if head is None:
-        session.add(AuditHead(id=1, last_id=rec.id, last_hash=rec.hash))
-    else:
-        head.last_id, head.last_hash = rec.id, rec.hash
+    for fields in pending:
+        rec = AuditRecord(prev_hash=prev_hash, hash="", **fields)
+        session.add(rec)
+        session.flush()  # assigns the id, which the hash covers
+        rec.hash = prev_hash = _digest(prev_hash, _fields(rec))
+        if head is None:
+            head = AuditHead(id=1, last_id=rec.id, last_hash=rec.hash)
+            session.add(head)
+        else:
+            head.last_id, head.last_hash = rec.id, rec.hash
     session.flush()
-    return rec
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _drop_pending(session: Session, previous_transaction) -> None:
+    session.info.pop(_PENDING, None)
 
 
 @dataclass
