@@ -8,7 +8,11 @@ from recovery.models import InboxEvent
 
 
 def make_handler(deps, keyring, *, intercom=None):
-    def handle(session: Session, event: InboxEvent) -> None:
+    def prepare(source: str, payload: dict):
+        """Network work done before the inbox transaction opens (see recovery.inbox.process_one)."""
+        return intercom.prepare(payload) if source == "intercom" and intercom is not None else None
+
+    def handle(session: Session, event: InboxEvent, prepared=None) -> None:
         if event.source == "webchat":
             payload = event.payload
             text = keyring.decrypt(payload["text_enc"])
@@ -20,7 +24,9 @@ def make_handler(deps, keyring, *, intercom=None):
             event.payload = {k: v for k, v in payload.items() if k != "text_enc"} | {
                 "text_redacted": result.stored_text}
         elif event.source == "intercom" and intercom is not None:
-            intercom.handle(session, event)  # bot/intercom/inbound.py
+            intercom.handle(session, event, prepared)  # bot/intercom/inbound.py
         else:
             raise ValueError(f"no handler for inbox source {event.source!r}")
+
+    handle.prepare = prepare
     return handle

@@ -37,9 +37,12 @@ class Container:
     worker: Worker
     senders: dict = field(default_factory=dict)
     slack_app: object | None = None  # the Bolt app, when Slack is configured
+    closables: list = field(default_factory=list)  # clients holding connections, closed by close()
 
     def close(self) -> None:
         self.worker.stop()
+        for closable in self.closables:
+            closable.close()
         self.db.dispose()
 
 
@@ -104,6 +107,8 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
     container = Container(settings=settings, clock=clock, db=db, keyring=keyring, renderer=renderer,
                           metrics=metrics, deps=deps, recovery=recovery, dispatcher=dispatcher, worker=worker,
                           senders=senders)
+    if intercom_inbound is not None:
+        container.closables.append(intercom_api)
     if slack_client is not None:
         from bot.slack.app import build_app
 

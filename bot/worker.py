@@ -4,7 +4,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from recovery import inbox
+from datetime import timedelta
+
+from recovery import inbox, limits
 
 log = logging.getLogger(__name__)
 
@@ -14,6 +16,15 @@ class Worker:
         self.db, self.recovery, self.dispatcher = db, recovery, dispatcher
         self.handler, self.clock, self.idle_sleep = handler, clock, idle_sleep
         self.stop_event = threading.Event()
+        self._pruned_at = None
+
+    def _housekeeping(self) -> None:
+        """Attempt counters older than a day can limit nothing; drop them now and then."""
+        now = self.clock.now()
+        if self._pruned_at is None or now - self._pruned_at >= timedelta(minutes=10):
+            with self.db.transaction() as session:
+                limits.prune(session, now=now)
+            self._pruned_at = now
 
     def run_once(self, batch: int = 50) -> int:
         """One pass over the three queues; returns how many items were handled."""
@@ -27,6 +38,7 @@ class Worker:
                 break
             done += 1
         done += self.dispatcher.run_once(batch)
+        self._housekeeping()
         return done
 
     def drain(self, max_passes: int = 100) -> int:

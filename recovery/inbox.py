@@ -40,18 +40,37 @@ def store(db, **fields) -> bool:
         return False
 
 
-Handler = Callable[[Session, InboxEvent], None]
+Handler = Callable[..., None]
+
+
+def _eligible():
+    earlier = aliased(InboxEvent)
+    return (select(InboxEvent)
+            .where(InboxEvent.processed_at.is_(None), InboxEvent.attempts < MAX_ATTEMPTS,
+                   ~exists().where(earlier.conversation_key == InboxEvent.conversation_key,
+                                   earlier.processed_at.is_(None), earlier.attempts < MAX_ATTEMPTS,
+                                   earlier.id < InboxEvent.id))
+            .order_by(InboxEvent.id).limit(1))
 
 
 def process_one(db, handler: Handler, now_fn) -> bool:
-    """Process the next eligible event in its own transaction; False when there is none."""
-    earlier = aliased(InboxEvent)
-    query = (select(InboxEvent)
-             .where(InboxEvent.processed_at.is_(None), InboxEvent.attempts < MAX_ATTEMPTS,
-                    ~exists().where(earlier.conversation_key == InboxEvent.conversation_key,
-                                    earlier.processed_at.is_(None), earlier.attempts < MAX_ATTEMPTS,
-                                    earlier.id < InboxEvent.id))
-             .order_by(InboxEvent.id).limit(1))
+    """Process the next eligible event in its own transaction; False when there is none.
+
+    A handler with a `prepare(source, payload)` attribute gets to do its network calls (say, a contact
+    lookup) first, with no transaction open, so no lock is held while waiting on another service;
+    `handler(session, event, prepared)` then runs in the transaction.
+    """
+    prepare = getattr(handler, "prepare", None)
+    prepared, wanted = None, None
+    if prepare is not None:
+        with db.transaction() as session:
+            peek = session.scalar(_eligible())
+            if peek is None:
+                return False
+            wanted, source, payload = peek.id, peek.source, dict(peek.payload)
+        prepared = prepare(source, payload)
+    query = _eligible() if wanted is None else select(InboxEvent).where(
+        InboxEvent.id == wanted, InboxEvent.processed_at.is_(None))
     if db.is_postgres:
         query = query.with_for_update(skip_locked=True, of=InboxEvent)
     event_id = None
@@ -59,9 +78,12 @@ def process_one(db, handler: Handler, now_fn) -> bool:
         with db.transaction() as session:
             event = session.scalar(query)
             if event is None:
-                return False
+                return wanted is not None  # another worker took the peeked event: try the next
             event_id = event.id
-            handler(session, event)
+            if prepare is not None:
+                handler(session, event, prepared)
+            else:
+                handler(session, event)
             event.processed_at = now_fn()
         return True
     except Exception as exc:  # noqa: BLE001 - a poisoned event must not stop the queue

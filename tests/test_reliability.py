@@ -407,7 +407,9 @@ def test_inbox_events_are_processed_in_order_per_conversation_by_two_workers(any
     for conv, n, _ in handled:
         per_conversation[conv].append(n)
     assert dict(per_conversation) == {conv: list(range(12)) for conv in conversations}
-    assert {name for *_, name in handled} == {"first", "second"}, "both workers should have taken events"
+    if first.db.is_postgres:
+        # SQLite runs one writer at a time, so there one worker may legitimately take every event.
+        assert {name for *_, name in handled} == {"first", "second"}, "both workers should have taken events"
     with first.db.transaction() as s:
         assert s.scalar(select(func.count()).select_from(InboxEvent)
                         .where(InboxEvent.processed_at.is_(None))) == 0

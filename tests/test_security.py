@@ -3,8 +3,9 @@
 Everything runs through the real container (domain services, worker, outbox, mail) or the real HTTP
 routes. Time is a ManualClock, so expiry and notice windows are tested without sleeping.
 
-Not covered yet, because the current code does not implement them: invariant 4 (there are no Slack or
-Intercom routes yet) and, in invariant 7, 12/24-word recovery phrases (only OTP-like codes are redacted).
+Invariant 4 (forged, stale or replayed Slack and Intercom requests) is pinned in tests/test_slack.py and
+tests/test_intercom.py, and recovery phrases (invariant 7) in tests/test_redaction.py; docs/security.md
+maps every invariant to its tests.
 """
 from __future__ import annotations
 

@@ -1,11 +1,13 @@
 """The worker's side of a stored Intercom event: who wrote it, what they uploaded, and one dialog turn.
 
-Runs inside the inbox transaction (recovery.inbox.process_one), so the turn, its replies (outbox), the
-stored uploads and the redacted event commit together, or not at all and the event is tried again.
-
-Two calls go out from here, each bounded by a timeout: the contact lookup and the attachment downloads
+`prepare` makes the two calls that go out, each bounded by a timeout, before the inbox transaction
+opens (no database lock is held while Intercom answers): the contact lookup and the attachment downloads
 (Intercom's upload URLs expire in 30 minutes, so waiting is not an option). A failed lookup does not
 hold the customer up: the turn runs as for a lead, which only ever adds checks.
+
+`handle` runs inside the inbox transaction (recovery.inbox.process_one), so the turn, its replies
+(outbox), the stored uploads and the redacted event commit together, or not at all and the event is
+tried again.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sqlalchemy.orm import Session
 
@@ -36,19 +39,31 @@ class Download:
     content: bytes
 
 
+class Prepared(NamedTuple):
+    message: parse.Message | None
+    contact: Contact | None
+    downloads: list[Download]
+    refused: int
+
+
 class IntercomInbound:
     def __init__(self, *, api: IntercomApi, deps: Deps, max_attachment_bytes: int = MAX_ATTACHMENT_BYTES):
         self.api, self.deps, self.max_attachment_bytes = api, deps, max_attachment_bytes
 
-    def handle(self, session: Session, event: InboxEvent) -> None:
-        payload = event.payload
+    def prepare(self, payload: dict) -> Prepared:
         message = parse.customer_message(json.loads(self.deps.keyring.decrypt(payload["event_enc"])))
+        if message is None:
+            return Prepared(None, None, [], 0)
+        return Prepared(message, self._contact(message.contact_id), *self._download(message.attachments))
+
+    def handle(self, session: Session, event: InboxEvent, prepared: Prepared | None = None) -> None:
+        payload = event.payload
+        prepared = prepared or self.prepare(payload)
+        message, contact, downloads, refused = prepared
         kept = {k: v for k, v in payload.items() if k != "event_enc"}
         if message is None:  # stored by an older version whose rules differed
             event.payload = kept | {"ignored": True}
             return
-        contact = self._contact(message.contact_id)
-        downloads, refused = self._download(message.attachments)
         result = Dialog(session, self.deps).handle(
             Incoming(conversation_key=message.conversation_key, channel="intercom", text=message.text,
                      locale=pick_locale(contact.language) if contact and contact.language else None,
