@@ -28,5 +28,6 @@ def make_handler(deps, keyring, *, intercom=None):
         else:
             raise ValueError(f"no handler for inbox source {event.source!r}")
 
-    handle.prepare = prepare
+    if intercom is not None:  # only Intercom events have network work to do before the transaction
+        handle.prepare = prepare
     return handle

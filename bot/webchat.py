@@ -103,6 +103,8 @@ def post_message(session_id: str):
     except IntegrityError:
         stored = False
     c.metrics.inbox("webchat", "stored" if stored else "duplicate")
+    if stored:
+        c.worker.wake()
     return jsonify(accepted=True, duplicate=not stored), 202
 
 

@@ -103,7 +103,8 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
         intercom_inbound = IntercomInbound(api=intercom_api, deps=deps)
     dispatcher = Dispatcher(db, keyring=keyring, senders=senders, clock=clock, metrics=metrics)
     worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher,
-                    handler=make_handler(deps, keyring, intercom=intercom_inbound), clock=clock)
+                    handler=make_handler(deps, keyring, intercom=intercom_inbound), clock=clock,
+                    idle_sleep=settings.WORKER_IDLE_SECONDS)
     container = Container(settings=settings, clock=clock, db=db, keyring=keyring, renderer=renderer,
                           metrics=metrics, deps=deps, recovery=recovery, dispatcher=dispatcher, worker=worker,
                           senders=senders)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import threading
-
 from datetime import timedelta
 
 from recovery import inbox, limits
@@ -16,7 +15,13 @@ class Worker:
         self.db, self.recovery, self.dispatcher = db, recovery, dispatcher
         self.handler, self.clock, self.idle_sleep = handler, clock, idle_sleep
         self.stop_event = threading.Event()
+        self.wake_event = threading.Event()
         self._pruned_at = None
+
+    def wake(self) -> None:
+        """Called by a route that stored an event in this process (`recoverybot serve`), so the
+        worker need not sleep out its idle interval before answering."""
+        self.wake_event.set()
 
     def _housekeeping(self) -> None:
         """Attempt counters older than a day can limit nothing; drop them now and then."""
@@ -26,10 +31,13 @@ class Worker:
                 limits.prune(session, now=now)
             self._pruned_at = now
 
-    def run_once(self, batch: int = 50) -> int:
-        """One pass over the three queues; returns how many items were handled."""
+    def run_once(self, batch: int = 50, inbox_batch: int = 10) -> int:
+        """One pass over the three queues; returns how many items were handled.
+
+        The inbox batch is small so replies go out soon after their message, not after a long backlog.
+        """
         done = 0
-        for _ in range(batch):
+        for _ in range(inbox_batch):
             if not inbox.process_one(self.db, self.handler, self.clock.now):
                 break
             done += 1
@@ -61,8 +69,10 @@ class Worker:
                 busy = 0
                 self.stop_event.wait(2.0)
             if not busy:
-                self.stop_event.wait(self.idle_sleep)
+                self.wake_event.wait(self.idle_sleep)
+                self.wake_event.clear()
         log.info("worker stopped")
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.wake_event.set()

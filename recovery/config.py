@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     RISK_POLICY: str = ""
     TEMPLATES_DIR: str = ""
     LOG_LEVEL: str = "INFO"
+    # How long an idle worker waits before looking for work again (seconds).
+    WORKER_IDLE_SECONDS: float = Field(0.2, gt=0, le=60)
 
     @field_validator("SLACK_APPROVER_IDS", "SLACK_SECURITY_APPROVER_IDS", "LOCAL_APPROVERS",
                      "LOCAL_SECURITY_APPROVERS", mode="before")

@@ -78,6 +78,8 @@ def receive():
                                   # the event holds the customer's words: encrypted until processed
                                   "event_enc": c.keyring.encrypt(_as_text(raw, event))})
     c.metrics.inbox(SOURCE, "stored" if stored else "duplicate")
+    if stored:
+        c.worker.wake()
     return jsonify(status="stored" if stored else "duplicate")
 
 
