@@ -44,6 +44,8 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import process_cpu_seconds  # noqa: E402 - benchmarks/ is on the path when run as a script
+
 PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SECRET = "bench-secret-key-0123456789-abcdefghijklmnop"
 CLIENT_SECRET = "bench-intercom-client-secret"
@@ -168,17 +170,7 @@ def signed_events(count: int, tag: str) -> list[tuple[bytes, dict]]:
     return events
 
 
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used, from /proc (Linux); 0 when unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
+cpu_seconds = process_cpu_seconds
 
 
 def run_phase(url: str, events: list[tuple[bytes, dict]], concurrency: int, server_pid: int) -> dict:

@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 import requests
 from sqlalchemy import create_engine, func, select, text, update
 
+from common import CLK_TCK, process_cpu_seconds  # benchmarks/ is on the path when run as a script
+
 PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SECRET = "bench-secret-key-0123456789-abcdefghijklmnop"
 QUESTION = "what is 2fa?"
@@ -271,17 +273,7 @@ def db_version(kind: str, url: str) -> str:
 
 # ---- measurements -------------------------------------------------------------------------------------
 
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used, from /proc (Linux); 0 when unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
+_proc_cpu = process_cpu_seconds
 
 
 def _machine_busy_seconds() -> float:
