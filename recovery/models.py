@@ -295,3 +295,7 @@ class CaseDocument(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     content_enc: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = ts()
+    # Shown to the approvers in the card's Slack thread once: the outbox message uploading it holds the
+    # claim (its id) while the upload runs, and the Slack file id records that it is done.
+    slack_claim: Mapped[str | None] = mapped_column(String(64))
+    slack_file_id: Mapped[str | None] = mapped_column(String(64))

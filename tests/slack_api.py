@@ -25,7 +25,10 @@ class FakeSlack:
         self.calls: list[tuple[str, dict]] = []
         self.lock = threading.Lock()
         self.fail_next: list[tuple[int, dict]] = []  # (status, headers) to answer before succeeding
+        self.uploads: dict[str, bytes] = {}  # file id -> the bytes POSTed to its upload_url
+        self.gates: dict[str, threading.Event] = {}  # method -> answered only once the event is set
         self._ts = 1700000000
+        self._files = 0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,19 +36,36 @@ class FakeSlack:
                 pass
 
             def do_POST(self):
+                data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.startswith("/upload/"):  # step 2 of files_upload_v2: the bytes themselves
+                    file_id = self.path.rsplit("/", 1)[-1]
+                    with fake.lock:
+                        fake.uploads.setdefault(file_id, data)
+                        fake.calls.append(("upload", {"file_id": file_id, "size": len(data),
+                                                      "_auth": self.headers.get("Authorization"),
+                                                      "_at": time.monotonic(), "_failed": False}))
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"OK")
+                    return
                 method = self.path.strip("/").split("/")[-1]
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                raw = data.decode()
                 if "json" in (self.headers.get("Content-Type") or ""):
                     args = json.loads(raw or "{}")
                 else:
                     args = {k: v[0] for k, v in parse_qs(raw).items()}
-                    for key in ("blocks", "view"):
+                    for key in ("blocks", "view", "files"):
                         if isinstance(args.get(key), str):
                             args[key] = json.loads(args[key])
                 with fake.lock:
                     failure = fake.fail_next.pop(0) if fake.fail_next else None
                     fake.calls.append((method, args | {"_auth": self.headers.get("Authorization"),
                                                        "_at": time.monotonic(), "_failed": bool(failure)}))
+                gate = fake.gates.get(method)
+                if gate is not None:
+                    gate.wait(timeout=20)  # a slow Slack: the call is recorded, its answer held back
                 if failure:
                     status, headers = failure
                     self.send_response(status)
@@ -78,7 +98,25 @@ class FakeSlack:
             return {"ok": True, "channel": args.get("channel"), "ts": ts, "message": {"ts": ts}}
         if method == "chat.update":
             return {"ok": True, "channel": args.get("channel"), "ts": args.get("ts")}
+        if method == "files.getUploadURLExternal":
+            with self.lock:
+                self._files += 1
+                file_id = f"F{self._files:08d}"
+            return {"ok": True, "file_id": file_id, "upload_url": self.url.replace("/api/", f"/upload/{file_id}")}
+        if method == "files.completeUploadExternal":
+            return {"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in args.get("files", [])]}
         return {"ok": True}
+
+    def uploaded(self) -> list[dict]:
+        """Each completed upload: the completion's arguments (channel_id, thread_ts, initial_comment) and,
+        under "content", the bytes that were POSTed for it."""
+        done = []
+        for call in self.named("files.completeUploadExternal"):
+            for f in call["files"]:
+                with self.lock:
+                    content = self.uploads.get(f["id"])
+                done.append({k: v for k, v in call.items() if k != "files"} | {"file": f, "content": content})
+        return done
 
     def named(self, method: str, *, ok_only: bool = True) -> list[dict]:
         with self.lock:

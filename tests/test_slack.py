@@ -20,16 +20,20 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from bot.cli import main as cli_main
 from recovery.config import Settings, load_settings
 from recovery.errors import ConfigError
-from recovery.models import CaseDocument, OutboxMessage, SlackCard
+from recovery.models import CaseDocument, Conversation, OutboxMessage, SlackCard
+from recovery.notify import Notifier
+from recovery.outbox import Dispatcher
 from tests.conftest import SECRET, ChatClient, code_in, link_in
 from tests.helpers import account, load_accounts
+from tests.intercom_api import FakeIntercom, settings_for
 from tests.slack_api import (SIGNING_SECRET, TEAM, FakeSlack, button_click, interaction, signed, slash,
                              submission)
+from tests.test_intercom import USER as INTERCOM_USER, Customer
 from tests.test_security import (ALEX, MEI, SAM, _cases_awaiting, approvals, audit_events, awaiting_case,
                                  enroll_approver, folder_mails, fresh_code, get_case, last_mail, load_demo,
                                  manual_clock, open_case, pass_checks, snapshot, token_of, wrong_totp)
@@ -233,6 +237,131 @@ def test_card_stays_within_block_kit_limits(sqlite_url, rig):
     assert all(len(e["value"]) <= 2000 for b in blocks if b["type"] == "actions" for e in b["elements"])
 
 
+# ---- documents in the card's thread -------------------------------------------------------------------------
+
+def documents(c, case_id: str) -> list[CaseDocument]:
+    with c.db.transaction() as s:
+        return list(s.scalars(select(CaseDocument).where(CaseDocument.case_id == case_id).order_by(CaseDocument.id)))
+
+
+def staff_messages(c, case_id: str) -> dict[str, OutboxMessage]:
+    with c.db.transaction() as s:
+        rows = s.scalars(select(OutboxMessage).where(OutboxMessage.kind == "staff",
+                                                     OutboxMessage.idempotency_key.startswith(f"{case_id}:")))
+        return {row.idempotency_key.split(":")[1].removeprefix("staff-"): row for row in rows}
+
+
+def redeliver_staff_messages(c) -> None:
+    """Make the outbox send every staff message again, as after a worker that died before recording them."""
+    with c.db.transaction() as s:
+        s.execute(update(OutboxMessage).where(OutboxMessage.kind == "staff")
+                  .values(status="pending", sent_at=None, next_attempt_at=c.clock.now()))
+
+
+def test_uploaded_document_reaches_the_card_thread_once_with_its_exact_bytes(sqlite_url, rig, caplog):
+    """A document stored for a case before its card is posted is uploaded into the card's thread in the approval
+    channel with exactly the customer's bytes, once even when the notifier runs again, and its bytes never
+    reach the logs."""
+    caplog.set_level(logging.DEBUG)
+    r = rig(sqlite_url)
+    c = r.c
+    case_id = open_case(c, ALEX)
+    photo = b"\xff\xd8\xff\xe0\x00\x10JFIF" + uuid.uuid4().bytes + bytes(range(256)) * 16
+    add_document(c, case_id, "passport <scan>.jpg", photo)
+    pass_checks(c, case_id)
+
+    channel, ts = r.card(case_id)
+    (upload,) = r.fake.uploaded()
+    assert upload["content"] == photo
+    assert (upload["channel_id"], upload["thread_ts"]) == (CHANNEL, ts)
+    assert upload["file"]["title"] == "passport <scan>.jpg"
+    assert "passport &lt;scan&gt;.jpg" in upload["initial_comment"]
+    assert sha256(photo).hexdigest()[:12] in upload["initial_comment"]
+    (url_call,) = r.fake.named("files.getUploadURLExternal")
+    assert (url_call["filename"], int(url_call["length"])) == ("passport <scan>.jpg", len(photo))
+    assert url_call["_auth"] == "Bearer xoxb-test-token"
+    assert [d.slack_file_id for d in documents(c, case_id)] == [upload["file"]["id"]]
+
+    redeliver_staff_messages(c)
+    r.drain()
+    assert len(r.updates(case_id)) == 1  # the card's message really was sent again
+    assert len(r.fake.uploaded()) == 1 and len(r.fake.named("files.getUploadURLExternal")) == 1
+    assert list(r.fake.uploads.values()) == [photo]
+
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert any(rec.name.startswith("slack_sdk") for rec in caplog.records)  # the SDK did log, at DEBUG
+    for form in (base64.b64encode(photo).decode(), photo.hex(), repr(photo[16:48])[2:-1]):
+        assert form not in logged
+
+
+def test_two_workers_upload_a_document_once_on_postgres(pg_url, rig):
+    """When two workers each hold a message that uploads the same document, the one that arrives while the
+    other's upload is under way leaves it alone: the document is uploaded once, and both messages are sent."""
+    r = rig(pg_url)
+    c = r.c
+    case_id = awaiting_case(c, ALEX)
+    photo = b"\xff\xd8\xff\xe0" + uuid.uuid4().bytes * 64
+    add_document(c, case_id, "id.jpg", photo)
+    redeliver_staff_messages(c)  # the card's message, sent again, uploads what is not in Slack yet
+    with c.recovery.service() as svc:  # and the message the chat channel queues for a new document
+        Notifier(svc.s, c.keyring, c.settings.PUBLIC_BASE_URL, c.clock.now()).staff(svc.get(case_id), "document_added")
+    r.fake.gates["files.getUploadURLExternal"] = gate = threading.Event()
+    first = threading.Thread(target=Dispatcher(c.db, keyring=c.keyring, senders=c.senders, clock=c.clock).run_once,
+                             args=(1,))
+    first.start()
+    try:
+        r.fake.wait_for("files.getUploadURLExternal")
+        assert Dispatcher(c.db, keyring=c.keyring, senders=c.senders, clock=c.clock).run_once() == 1
+    finally:
+        gate.set()
+        first.join(timeout=20)
+    assert [u["content"] for u in r.fake.uploaded()] == [photo]
+    assert len(r.fake.named("files.getUploadURLExternal")) == 1
+    assert {event: m.status for event, m in staff_messages(c, case_id).items()} == {
+        "approval_requested": "sent", "document_added": "sent"}
+    assert [d.slack_file_id for d in documents(c, case_id)] == [r.fake.uploaded()[0]["file"]["id"]]
+
+
+@pytest.fixture
+def intercom():
+    fake = FakeIntercom()
+    yield fake
+    fake.close()
+
+
+def test_document_sent_in_chat_after_the_card_goes_to_its_thread(sqlite_url, rig, intercom):
+    """An ID photo the customer sends over Intercom while the case waits for approval is uploaded into the
+    existing card's thread, byte for byte, and an earlier one is not uploaded again."""
+    intercom.add_contact(INTERCOM_USER, role="user", external_id="acct-1001")
+    r = rig(sqlite_url, **settings_for(intercom))
+    c = r.c
+    customer = Customer(r.server, intercom, "147000000301")
+    first, second = b"\x89PNG\r\n\x1a\nfront" + bytes(range(256)), b"\x89PNG\r\n\x1a\nback" + bytes(range(255, -1, -1))
+
+    def send_photo(name: str, content: bytes) -> None:
+        url = intercom.add_file(name, content)
+        customer.say("Here is my ID card", attachments=[{"type": "upload", "name": name, "url": url,
+                                                         "content_type": "image/png", "filesize": len(content)}])
+        r.drain()
+
+    for text in ("I lost my authenticator", "alex@example.com"):
+        customer.say(text)
+        r.drain()
+    send_photo("front.png", first)
+    with c.db.transaction() as s:
+        case_id = s.get(Conversation, "intercom:147000000301").case_id
+    assert r.fake.uploaded() == []  # no card yet, so nothing to show it in
+    pass_checks(c, case_id)
+    ts = r.card(case_id)[1]
+    assert [(u["content"], u["thread_ts"]) for u in r.fake.uploaded()] == [(first, ts)]
+
+    send_photo("back.png", second)
+    assert [(u["content"], u["thread_ts"], u["file"]["title"]) for u in r.fake.uploaded()] == [
+        (first, ts, "front.png"), (second, ts, "back.png")]
+    assert all(d.slack_file_id for d in documents(c, case_id))
+    assert get_case(c, case_id).state == "awaiting_approval"
+
+
 # ---- decisions ---------------------------------------------------------------------------------------------
 
 def test_approve_without_step_up_updates_the_card_and_threads_what_follows(sqlite_url, rig):
@@ -385,16 +514,25 @@ def test_approver_from_another_workspace_is_refused(sqlite_url, rig):
     assert refusals(r.c, case_id) == [(f"slack:{OTHER_TEAM}:{ALICE}", "other_team")] * 2
 
 
-def test_initiator_cannot_approve_the_case_they_opened(sqlite_url, rig):
-    """An approver who opened the case for a customer is refused and audited; another approver can decide."""
+def test_initiator_is_refused_at_the_click_and_at_a_forged_submission(sqlite_url, rig):
+    """An approver who opened the case for a customer is refused ephemerally already at the Approve or Deny
+    click, with no modal opened, and again at a submission forged from another approver's modal; each refusal
+    is audited, nothing changes, and another approver can decide."""
     r = rig(sqlite_url)
     case_id = awaiting_case(r.c, ALEX, opened_by=ALICE)
     before = snapshot(r.c, case_id)
-    r.approve(case_id, ALICE)
-    r.fake.wait_for("chat.postEphemeral")
+    r.click(case_id, ALICE)
+    r.click(case_id, ALICE, action="deny_case")
+    r.fake.wait_for("chat.postEphemeral", 2)
+    assert [text for text in r.ephemerals(ALICE) if "someone else must decide" in text] == r.ephemerals(ALICE)
+    assert r.fake.named("views.open") == []
+    assert refusals(r.c, case_id) == [(f"slack:{TEAM}:{ALICE}", "initiator")] * 2
+
+    r.submit(r.modal(case_id, BOB), ALICE)
+    r.fake.wait_for("chat.postEphemeral", 3)
     assert "someone else must decide" in r.ephemerals(ALICE)[-1]
     assert snapshot(r.c, case_id) == before
-    assert refusals(r.c, case_id) == [(ALICE, "initiator")]
+    assert refusals(r.c, case_id)[-1] == (ALICE, "initiator") and len(refusals(r.c, case_id)) == 3
     r.approve(case_id, BOB)
     assert [a.approver for a in approvals(r.c, case_id)] == [BOB]
 
@@ -505,6 +643,61 @@ def test_fifty_pairs_of_concurrent_approvals_make_one_decision_each_on_postgres(
     r.drain()
     assert sorted(len(r.updates(case_id)) for case_id in case_ids) == [1] * 50
     assert len(r.fake.named("chat.postEphemeral")) == 50
+
+
+# ---- several workers ---------------------------------------------------------------------------------------
+
+def answer_checks(c, case_id: str) -> None:
+    """pass_checks without draining the worker: the card's message waits in the outbox."""
+    code = code_in(last_mail(c, "verification_code", case_id))
+    with c.recovery.service() as svc:
+        assert svc.submit_code(case_id, code).status == "ok"
+        case = svc.get(case_id)
+        facts, question = svc.directory.get(case.account_id).facts, svc.next_question(case)
+    while question is not None:
+        with c.recovery.service() as svc:
+            question = svc.answer_fact(case_id, facts[question])
+    assert get_case(c, case_id).state == "awaiting_approval"
+
+
+def test_event_handled_before_the_card_is_saved_is_retried_not_dropped(sqlite_url, rig):
+    """While one worker waits on Slack to post a card, a second worker handles the owner's cancel: it finds no
+    card yet and leaves the event for a retry, which then removes the buttons from the posted card and tells
+    the thread. An event of a case that never reached approval is still dropped at once."""
+    r = rig(sqlite_url)
+    c = r.c
+    case_id = open_case(c, ALEX)
+    answer_checks(c, case_id)
+    r.fake.gates["chat.postMessage"] = gate = threading.Event()
+    first_worker = threading.Thread(target=r.drain)
+    first_worker.start()
+    try:
+        r.fake.wait_for("chat.postMessage")  # the card is on its way; Slack has not answered yet
+        assert requests.post(link_in(last_mail(c, "reset_requested", case_id), "cancel"), timeout=10).status_code == 200
+        second_worker = Dispatcher(c.db, keyring=c.keyring, senders=c.senders, clock=c.clock)
+        assert second_worker.run_once() >= 1
+        cancelled = staff_messages(c, case_id)["cancelled"]
+        assert (cancelled.status, cancelled.attempts) == ("pending", 1)
+        assert "CardNotPostedYet" in cancelled.last_error and cancelled.next_attempt_at > c.clock.now()
+    finally:
+        gate.set()
+        first_worker.join(timeout=20)
+    assert has_buttons(r.posted_card(case_id)["blocks"])  # rendered before the cancel: stale until updated
+    assert r.updates(case_id) == [] and r.thread(case_id) == []
+
+    c.clock.advance(seconds=5)  # past the first backoff
+    r.drain()
+    (update_call,) = r.updates(case_id)
+    assert not has_buttons(update_call["blocks"]) and "cancelled" in text_of(update_call["blocks"])
+    assert r.thread(case_id) == ["Cancelled: the account owner cancelled."]
+    assert {event: m.status for event, m in staff_messages(c, case_id).items()} == {
+        "approval_requested": "sent", "cancelled": "sent"}
+
+    never = open_case(c, MEI)  # cancelled while still verifying: no card is coming, so nothing waits for one
+    calls = r.count()
+    assert requests.post(link_in(last_mail(c, "reset_requested", never), "cancel"), timeout=10).status_code == 200
+    r.drain()
+    assert staff_messages(c, never)["cancelled"].status == "sent" and r.count() == calls
 
 
 # ---- Slack's side: rate limits -----------------------------------------------------------------------------
@@ -709,4 +902,5 @@ def test_slack_doc_names_every_setting_and_the_route():
     assert missing == []
     manifest = doc.split("```yaml", 1)[1].split("```", 1)[0]
     assert manifest.count("/slack/events") == 2 and "command: /recovery" in manifest
-    assert re.findall(r"^\s+- ([a-z:.]+)", manifest.split("bot:", 1)[1], re.M) == ["chat:write", "commands"]
+    assert re.findall(r"^\s+- ([a-z:.]+)", manifest.split("bot:", 1)[1], re.M) == ["chat:write", "commands",
+                                                                                  "files:write"]

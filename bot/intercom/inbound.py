@@ -26,7 +26,8 @@ from bot.templates import pick_locale
 from recovery import outbox
 from recovery.deps import Deps
 from recovery.dialog import Dialog, Incoming
-from recovery.models import CaseDocument, Conversation, InboxEvent
+from recovery.models import Case, CaseDocument, Conversation, InboxEvent
+from recovery.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +131,7 @@ class IntercomInbound:
                 sha256=hashlib.sha256(d.content).hexdigest(),
                 content_enc=self.deps.keyring.encrypt(base64.b64encode(d.content).decode("ascii")),
                 received_at=now))
+        case = session.get(Case, case_id) if case_id is not None else None
+        if case is not None:  # the approvers see it in the card's thread (bot/slack/notifier.py)
+            Notifier(session, self.deps.keyring, self.deps.public_base_url, now).staff(
+                case, "document_added", documents=len(downloads))

@@ -95,6 +95,10 @@ class Approvals:
         if case is None:
             self._refuse(body, "unknown", None, channel_id, message="This card is not linked to a case.")
             return
+        if (body.get("user") or {}).get("id") == case.opened_by:
+            # refused at the click, so the initiator never gets a modal (the domain refuses a submission too)
+            self._refuse(body, "initiator", case, channel_id)
+            return
         if case.state != State.AWAITING_APPROVAL:
             self._refuse(body, "closed", case, channel_id, state=case.state)
             return

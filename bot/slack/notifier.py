@@ -1,22 +1,33 @@
 """Staff notifications through Slack: the outbox sender for kind "staff" when Slack is configured.
 
 The card is posted once per case and afterwards re-rendered from the database with chat.update;
-every other case event goes to the card's thread.
+every other case event goes to the card's thread, and so do the customer's uploaded documents (each
+uploaded once, decrypted only in memory).
 """
 from __future__ import annotations
 
+import base64
 import logging
 
 from slack_sdk.errors import SlackApiError
+from sqlalchemy import select, update
 
 from bot.slack import card
-from recovery.models import Case, SlackCard
+from recovery.machine import State
+from recovery.models import AuditRecord, Case, CaseDocument, SlackCard
 from recovery.outbox import Outgoing, PermanentFailure
 
 log = logging.getLogger(__name__)
 
 CARD_EVENTS = {"approval_recorded", "approved", "denied", "cancelled", "expired", "locked", "rejected",
                "completed"}
+DOCUMENT_ADDED = "document_added"
+PERMANENT_ERRORS = ("channel_not_found", "not_in_channel", "is_archived", "invalid_blocks", "missing_scope")
+
+
+class CardNotPostedYet(Exception):
+    """A case event came before its card's location was saved: another worker is still posting the card.
+    Raised so the outbox tries again later (and parks the message as dead if the card never appears)."""
 
 
 class SlackStaffNotifier:
@@ -28,29 +39,38 @@ class SlackStaffNotifier:
     def send(self, message: Outgoing) -> None:
         p = message.payload
         try:
-            self._send(p["case_id"], p["event"], p.get("context", {}))
+            self._send(p["case_id"], p["event"], p.get("context", {}), owner=f"outbox:{message.id}")
         except SlackApiError as exc:
             status = getattr(exc.response, "status_code", 0)
             error = exc.response.get("error") if hasattr(exc.response, "get") else None
-            if 400 <= status < 500 and status != 429 or error in ("channel_not_found", "not_in_channel",
-                                                                  "is_archived", "invalid_blocks"):
+            if 400 <= status < 500 and status != 429 or error in PERMANENT_ERRORS:
                 raise PermanentFailure(f"Slack refused {p['event']}: {error or status}") from None
             raise
 
-    def _send(self, case_id: str, event: str, context: dict) -> None:
+    def _send(self, case_id: str, event: str, context: dict, *, owner: str) -> None:
         with self.db.transaction() as s:
             case = s.get(Case, case_id)
             existing = s.get(SlackCard, case_id)
-            data = card.render(self.renderer, s, self.deps, case, conversation_url=self.conversation_url(case))
+            data = None if event == DOCUMENT_ADDED else card.render(
+                self.renderer, s, self.deps, case, conversation_url=self.conversation_url(case))
             where = (existing.channel, existing.message_ts) if existing else None
+            card_expected = where is None and event != DOCUMENT_ADDED and _reached_approval(s, case_id)
         if event == "approval_requested":
             if where is None:
-                self._post_card(case_id, data)
+                where = self._post_card(case_id, data)
             else:
                 self._update(where, data)
+            self._upload_documents(case_id, where, owner)
             return
         if where is None:
-            return  # the case never reached approval: nothing in Slack to tell
+            if card_expected:
+                raise CardNotPostedYet(f"case {case_id} has no card yet for {event}; trying again later")
+            # The case never reached approval: nothing in Slack to tell. A document that arrives before
+            # the card is uploaded by the card's own message, right after posting it.
+            return
+        if event == DOCUMENT_ADDED:
+            self._upload_documents(case_id, where, owner)
+            return
         if event in CARD_EVENTS:
             self._update(where, data)
         if event == "approval_reminder":
@@ -66,14 +86,17 @@ class SlackStaffNotifier:
         context = {k: card.escape(v) if isinstance(v, str) else v for k, v in context.items()}
         return self.renderer.block(card.TEMPLATE, block, dict(case_id=case_id, context=context, **extra))
 
-    def _post_card(self, case_id: str, data: card.CardData) -> None:
+    def _post_card(self, case_id: str, data: card.CardData) -> tuple[str, str]:
         resp = self.client.chat_postMessage(channel=self.channel, text=data.text, blocks=data.blocks,
                                             unfurl_links=False, unfurl_media=False)
         now = self.deps.clock.now()
         with self.db.transaction() as s:
-            if s.get(SlackCard, case_id) is None:
-                s.add(SlackCard(case_id=case_id, channel=resp["channel"], message_ts=resp["ts"],
-                                posted_at=now, updated_at=now))
+            row = s.get(SlackCard, case_id)
+            if row is None:
+                row = SlackCard(case_id=case_id, channel=resp["channel"], message_ts=resp["ts"],
+                                posted_at=now, updated_at=now)
+                s.add(row)
+            return row.channel, row.message_ts
 
     def _update(self, where: tuple[str, str], data: card.CardData) -> None:
         self.client.chat_update(channel=where[0], ts=where[1], text=data.text, blocks=data.blocks)
@@ -81,3 +104,54 @@ class SlackStaffNotifier:
             row = s.get(SlackCard, data.case.id)
             if row is not None:
                 row.updated_at = self.deps.clock.now()
+
+    # ---- documents ------------------------------------------------------------------------------------
+
+    def _upload_documents(self, case_id: str, where: tuple[str, str], owner: str) -> None:
+        """Upload the case's documents that are not in Slack yet into the card's thread.
+
+        Each is claimed first for this outbox message (`owner`), so two workers never upload the same one;
+        a claim left by an earlier, failed try of the same message is taken over by its retry.
+        """
+        with self.db.transaction() as s:
+            ids = list(s.scalars(select(CaseDocument.id).where(CaseDocument.case_id == case_id,
+                                                               *_unclaimed(owner)).order_by(CaseDocument.id)))
+        for doc_id in ids:
+            self._upload(doc_id, where, owner)
+
+    def _upload(self, doc_id: int, where: tuple[str, str], owner: str) -> None:
+        with self.db.transaction() as s:
+            claimed = s.execute(update(CaseDocument).where(CaseDocument.id == doc_id, *_unclaimed(owner))
+                                .values(slack_claim=owner)).rowcount == 1
+            if not claimed:
+                return  # another message is uploading it, or has uploaded it
+            doc = s.get(CaseDocument, doc_id)
+            name, sealed = doc.name or "document", doc.content_enc
+            comment = self.renderer.block(card.TEMPLATE, "thread_document", dict(
+                name=card.escape(doc.name), content_type=card.escape(doc.content_type), size=doc.size,
+                sha256=doc.sha256))
+        try:
+            resp = self.client.files_upload_v2(channel=where[0], thread_ts=where[1], filename=name, title=name,
+                                               initial_comment=comment,
+                                               content=base64.b64decode(self.deps.keyring.decrypt(sealed)))
+        except Exception:
+            with self.db.transaction() as s:  # let any message try again
+                s.execute(update(CaseDocument).where(CaseDocument.id == doc_id, CaseDocument.slack_claim == owner)
+                          .values(slack_claim=None))
+            raise
+        file_id = str((resp.get("file") or {}).get("id") or "uploaded")[:64]
+        with self.db.transaction() as s:
+            s.execute(update(CaseDocument).where(CaseDocument.id == doc_id, CaseDocument.slack_file_id.is_(None))
+                      .values(slack_file_id=file_id))
+
+
+def _unclaimed(owner: str) -> tuple:
+    return (CaseDocument.slack_file_id.is_(None),
+            CaseDocument.slack_claim.is_(None) | (CaseDocument.slack_claim == owner))
+
+
+def _reached_approval(session, case_id: str) -> bool:
+    """Whether the case ever entered awaiting_approval, so that it has (or is getting) a card."""
+    return session.scalar(select(AuditRecord.id).where(AuditRecord.case_id == case_id,
+                                                       AuditRecord.to_state == State.AWAITING_APPROVAL.value)
+                          .limit(1)) is not None
