@@ -11,12 +11,12 @@ from contextlib import contextmanager
 from sqlalchemy import select
 
 from recovery import audit, timers
-from recovery.cases import CaseService
+from recovery.cases import CaseService, step_up_failure_key
 from recovery.deps import Deps
 from recovery.errors import ApprovalRefused, TotpError, WrongPassword
 from recovery.links import LinkService
 from recovery.machine import State
-from recovery.models import Case
+from recovery.models import Attempt, Case
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class Recovery:
                 audit.append(svc.s, case_id=case.id, event="approval_refused", from_state=case.state,
                              to_state=case.state, actor=approver, channel=channel, reason=exc.reason,
                              at=svc.now)
+                if exc.reason == "step_up_failed":
+                    svc.s.add(Attempt(key=step_up_failure_key(approver), at=svc.now))
             raise
 
     # ---- links --------------------------------------------------------------------------------------

@@ -13,14 +13,14 @@ from datetime import timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from recovery import audit, checks, machine, timers, totp
+from recovery import audit, checks, limits, machine, timers, totp
 from recovery.checks import FAIL, PASS, PENDING
 from recovery.crypto import new_email_code
 from recovery.deps import Deps
 from recovery.errors import (ApprovalRefused, IllegalTransition, LimitReached, NotFound, StepUpRequired,
                              TotpError)
 from recovery.machine import OPEN, State
-from recovery.models import Approval, Approver, Case, CaseCheck, EmailCode, LinkToken
+from recovery.models import Approval, Approver, Attempt, Case, CaseCheck, EmailCode, LinkToken
 from recovery.notify import Notifier
 from recovery.risk import assess
 
@@ -32,6 +32,15 @@ CODE_OK, CODE_WRONG, CODE_EXPIRED, CODE_LOCKED, CODE_REJECTED = "ok", "wrong", "
 class CodeOutcome:
     status: str
     remaining: int = 0
+
+
+STEP_UP_MAX_FAILURES = 5
+STEP_UP_WINDOW_MINUTES = 15
+OWNER_NOTICE_HOURS = 6
+
+
+def step_up_failure_key(approver: str) -> str:
+    return f"step_up_failed:{approver}"
 
 
 def new_case_id() -> str:
@@ -116,7 +125,11 @@ class CaseService:
                        {"note": "logged-in chat user" if verified else "not a logged-in user"})
         self._send_code(case, first=True)
         timers.schedule_in(self.s, case.id, "verifying_expiry", self.now, hours=self.policy.verifying_ttl_hours)
-        if profile is not None:
+        # A refused attempt (a case is already open, or too many) still tells the owner, but at most once
+        # in a while: new chat sessions are free, and a flood would bury the notice that matters.
+        if profile is not None and (decoy_reason is None or limits.allow(
+                self.s, f"owner_notice:{profile.id}", now=self.now, limit=1,
+                window=timedelta(hours=OWNER_NOTICE_HOURS))):
             self.notify.email(case, "reset_requested", to=profile.email, locale=profile.locale,
                               account_id=profile.id, decoy=bool(decoy_reason))
         return case
@@ -301,6 +314,14 @@ class CaseService:
         if not code:
             raise StepUpRequired(case.id, approver, "step_up_required",
                                  "this case needs a current code from your own authenticator")
+        # Wrong codes are counted (by Recovery.decide, after the refusal): without a limit, a stolen Slack
+        # session could guess its way past the one control meant to stop it.
+        failures = self.s.scalar(select(func.count(Attempt.id)).where(
+            Attempt.key == step_up_failure_key(approver),
+            Attempt.at > self.now - timedelta(minutes=STEP_UP_WINDOW_MINUTES)))
+        if failures >= STEP_UP_MAX_FAILURES:
+            raise StepUpRequired(case.id, approver, "step_up_locked",
+                                 f"too many wrong step-up codes; try again in {STEP_UP_WINDOW_MINUTES} minutes")
         try:
             row.last_step = totp.verify(self.deps.keyring.decrypt(row.totp_secret_enc), code, now=self.now,
                                         last_step=row.last_step)

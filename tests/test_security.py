@@ -1003,3 +1003,41 @@ def test_no_chat_text_skips_a_check(sqlite_url, live):
     assert events == [("open", "customer"), ("start_checks", "system"), ("request_approval", "system"),
                       ("approval", "alice"), ("approve", "alice"), ("send_link", "system")]
     assert not any("/enroll/" in r or "/cancel/" in r for r in replies)
+
+
+def test_step_up_guessing_is_locked_after_five_wrong_codes(make_container, sqlite_url):
+    """Five wrong step-up codes lock that approver's step-up for 15 minutes, even for the right code,
+    so a stolen Slack session cannot guess its way through; the lock then lifts."""
+    c = make_container(sqlite_url, clock=manual_clock())
+    load_demo(c)
+    case_id = awaiting_case(c, SAM)
+    start = snapshot(c, case_id)
+    carol = enroll_approver(c, "carol")
+    for _ in range(5):
+        with pytest.raises(StepUpRequired) as err:
+            c.recovery.decide(case_id, approver="carol", decision="approve",
+                              step_up_code=wrong_totp(carol, c.clock.now()))
+        assert err.value.reason == "step_up_failed"
+    with pytest.raises(StepUpRequired) as err:
+        c.recovery.decide(case_id, approver="carol", decision="approve", step_up_code=fresh_code(c, carol))
+    assert err.value.reason == "step_up_locked"
+    assert snapshot(c, case_id) == start and approvals(c, case_id) == []
+    c.clock.advance(minutes=15)
+    c.recovery.decide(case_id, approver="carol", decision="approve", step_up_code=fresh_code(c, carol))
+    assert [a.approver for a in approvals(c, case_id)] == ["carol"]
+
+
+def test_refused_attempts_cannot_flood_the_owner_with_notices(make_container, sqlite_url):
+    """Repeated attempts on an account that already has an open case send the owner one extra notice in
+    six hours, not one per attempt, while the customer-facing replies stay the same."""
+    c = make_container(sqlite_url, clock=manual_clock())
+    load_demo(c)
+    open_case(c, ALEX)
+    for _ in range(6):
+        open_case(c, ALEX)
+    c.worker.drain()
+    assert len(folder_mails(c, "reset_requested", to=ALEX)) == 2
+    c.clock.advance(hours=6, seconds=1)
+    open_case(c, ALEX)
+    c.worker.drain()
+    assert len(folder_mails(c, "reset_requested", to=ALEX)) == 3
