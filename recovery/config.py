@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     INTERCOM_ADMIN_ID: str = ""
     INTERCOM_API_BASE: str = "https://api.intercom.io"
     INTERCOM_HANDOVER_TEAM_ID: str = ""
+    # Set true only when the Messenger enforces identity verification (user_hash / JWT). Otherwise a
+    # visitor can claim any user_id, so every contact is treated as a lead.
+    INTERCOM_IDENTITY_VERIFICATION: bool = False
 
     SLACK_BOT_TOKEN: str = ""
     SLACK_SIGNING_SECRET: str = ""

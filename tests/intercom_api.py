@@ -25,7 +25,8 @@ TEAM_ID = "5017691"
 def settings_for(api: "FakeIntercom", **extra) -> dict:
     """The keyword settings that turn the Intercom channel on against the fake API."""
     return {"INTERCOM_ACCESS_TOKEN": ACCESS_TOKEN, "INTERCOM_CLIENT_SECRET": CLIENT_SECRET,
-            "INTERCOM_ADMIN_ID": ADMIN_ID, "INTERCOM_API_BASE": api.url, **extra}
+            "INTERCOM_ADMIN_ID": ADMIN_ID, "INTERCOM_API_BASE": api.url,
+            "INTERCOM_IDENTITY_VERIFICATION": "true", **extra}
 
 
 def sign(body: bytes, secret: str = CLIENT_SECRET) -> str:

@@ -171,6 +171,19 @@ def test_only_a_signed_in_user_of_that_account_passes_verified_session(sqlite_ur
     assert check(server.container, case.id, "verified_session") == "fail"
 
 
+def test_without_identity_verification_a_user_id_proves_nothing(sqlite_url, live, api):
+    """With INTERCOM_IDENTITY_VERIFICATION off (the default), a contact claiming the account's user id is
+    still treated as a lead, since anyone can claim a user_id in an unverified Messenger."""
+    api.add_contact(USER, role="user", external_id="acct-1001", email="alex@example.com")
+    server = live(sqlite_url, **settings_for(api, INTERCOM_IDENTITY_VERIFICATION="false"))
+    load_demo(server.container)
+    customer = Customer(server, api, "147000000105")
+    customer.ask("I lost my authenticator")
+    customer.ask("alex@example.com")
+    (case,) = rows(server.container, Case)
+    assert check(server.container, case.id, "verified_session") == "fail"
+
+
 def test_contact_lookup_failure_counts_as_a_lead(sqlite_url, live, api):
     """When Intercom cannot tell who wrote (404 on the contact), the turn still runs, unverified."""
     server = live(sqlite_url, **settings_for(api))  # no contact registered: the lookup answers 404

@@ -48,8 +48,11 @@ class Prepared(NamedTuple):
 
 
 class IntercomInbound:
-    def __init__(self, *, api: IntercomApi, deps: Deps, max_attachment_bytes: int = MAX_ATTACHMENT_BYTES):
+    def __init__(self, *, api: IntercomApi, deps: Deps, max_attachment_bytes: int = MAX_ATTACHMENT_BYTES,
+                 trust_external_id: bool = False):
         self.api, self.deps, self.max_attachment_bytes = api, deps, max_attachment_bytes
+        # Only under Intercom's identity verification is a contact's external_id proof of a login.
+        self.trust_external_id = trust_external_id
 
     def prepare(self, payload: dict) -> Prepared:
         message = parse.customer_message(json.loads(self.deps.keyring.decrypt(payload["event_enc"])))
@@ -98,7 +101,7 @@ class IntercomInbound:
     def _verified_account(self, session: Session, contact: Contact | None) -> str | None:
         """The account of a signed-in user: Intercom role `user` whose external_id is one of our
         accounts. A lead, or a user id the directory does not know, is not verified."""
-        if contact is None or contact.role != "user" or not contact.external_id:
+        if not self.trust_external_id or contact is None or contact.role != "user" or not contact.external_id:
             return None
         profile = self.deps.directory_for(session).get(contact.external_id)
         return profile.id if profile is not None else None
