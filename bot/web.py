@@ -16,6 +16,12 @@ MAX_BODY = 256 * 1024
 
 def create_app(container) -> Flask:
     app = Flask(__name__)
+    if container.settings.TRUSTED_PROXIES:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        # Behind a load balancer every request comes from the balancer: per-IP limits need the client.
+        hops = container.settings.TRUSTED_PROXIES
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.extensions["recoverybot"] = container
     app.register_blueprint(webchat.bp)

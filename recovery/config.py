@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     RISK_POLICY: str = ""
     TEMPLATES_DIR: str = ""
     LOG_LEVEL: str = "INFO"
+    # How many reverse proxies (load balancer, Heroku's router) stand in front of the web process; their
+    # X-Forwarded-For entries are trusted for the client IP that per-IP limits count. 0 trusts none.
+    TRUSTED_PROXIES: int = Field(0, ge=0, le=5)
     # How long an idle worker waits before looking for work again (seconds).
     WORKER_IDLE_SECONDS: float = Field(0.2, gt=0, le=60)
 

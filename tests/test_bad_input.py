@@ -324,3 +324,22 @@ def test_no_body_makes_the_chat_api_fail(chat):
     post_anything()
     assert len(tried) >= EXAMPLES, f"only {len(tried)} bodies were generated"
     assert time.monotonic() - started < 60
+
+
+def test_client_ip_behind_a_trusted_proxy(make_container, sqlite_url):
+    """Per-IP limits count the client: X-Forwarded-For is used only with TRUSTED_PROXIES set."""
+    from sqlalchemy import select
+
+    from bot.web import create_app
+    from recovery.models import InboxEvent
+
+    for hops, forwarded, expected in ((0, "203.0.113.7", "127.0.0.1"), (1, "203.0.113.7", "203.0.113.7")):
+        c = make_container(sqlite_url, TRUSTED_PROXIES=str(hops))
+        client = create_app(c).test_client()
+        sid = client.post("/chat/api/sessions", json={}).get_json()["session_id"]
+        r = client.post(f"/chat/api/sessions/{sid}/messages", json={"text": "hello"},
+                        headers={"X-Forwarded-For": forwarded}, environ_base={"REMOTE_ADDR": "127.0.0.1"})
+        assert r.status_code == 202
+        with c.db.transaction() as s:
+            ips = [e.payload["ip"] for e in s.scalars(select(InboxEvent).order_by(InboxEvent.id))]
+        assert ips[-1] == expected
