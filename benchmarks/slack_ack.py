@@ -135,29 +135,16 @@ class Server:
 def awaiting_cases(c, n: int, prefix: str) -> list[str]:
     """n low-risk cases awaiting approval, their cards posted to the fake Slack."""
     from tests.conftest import code_in
-    from tests.helpers import account, load_accounts
-    from tests.test_security import folder_mails
+    from tests.helpers import account, folder_mails, load_accounts, open_case, pass_checks
 
     records = [account(f"acct-{prefix}-{i}", f"{prefix}{i}@example.com") for i in range(n)]
     for rec in records:
         rec.pop("password")  # no argon2 per account
     load_accounts(c, records)
-    ids = []
-    for rec in records:
-        with c.recovery.service() as svc:
-            ids.append(svc.open(conversation_key=f"webchat:{uuid.uuid4().hex}", channel="webchat",
-                                email=rec["email"], locale="en").id)
-    c.worker.drain()
+    ids = [open_case(c, rec["email"]) for rec in records]
     codes = {m["X-Recovery-Case"]: code_in(m) for m in folder_mails(c, "verification_code")}
     for case_id in ids:
-        with c.recovery.service() as svc:
-            svc.submit_code(case_id, codes[case_id])
-            case = svc.get(case_id)
-            facts, question = svc.directory.get(case.account_id).facts, svc.next_question(case)
-        while question is not None:
-            with c.recovery.service() as svc:
-                question = svc.answer_fact(case_id, facts[question])
-    c.worker.drain()
+        pass_checks(c, case_id, codes[case_id])
     return ids
 
 

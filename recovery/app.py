@@ -8,10 +8,9 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
-from sqlalchemy import select
 
 from recovery import audit, timers
-from recovery.cases import CaseService, step_up_failure_key
+from recovery.cases import step_up_failure_key
 from recovery.deps import Deps
 from recovery.errors import ApprovalRefused, TotpError, WrongPassword
 from recovery.links import LinkService

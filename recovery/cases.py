@@ -39,6 +39,10 @@ STEP_UP_WINDOW_MINUTES = 15
 OWNER_NOTICE_HOURS = 6
 
 
+# an enroll link that can still be used, were it not expired
+LIVE_ENROLL_LINK = (LinkToken.kind == "enroll", LinkToken.used_at.is_(None), LinkToken.revoked_at.is_(None))
+
+
 def step_up_failure_key(approver: str) -> str:
     return f"step_up_failed:{approver}"
 
@@ -330,12 +334,13 @@ class CaseService:
 
     # ---- endings -----------------------------------------------------------------------------------
 
+    def revoke_enroll_links(self, *where) -> None:
+        self.s.execute(update(LinkToken).where(*LIVE_ENROLL_LINK, *where).values(revoked_at=self.now))
+
     def _closed(self, case: Case, outcome: str) -> None:
         """Shared aftermath of a final state: timers stop, links die, everyone concerned is told."""
         timers.cancel(self.s, case.id, self.now)
-        self.s.execute(update(LinkToken).where(LinkToken.case_id == case.id, LinkToken.kind == "enroll",
-                                               LinkToken.used_at.is_(None), LinkToken.revoked_at.is_(None))
-                       .values(revoked_at=self.now))
+        self.revoke_enroll_links(LinkToken.case_id == case.id)
         profile = self._owner(case)
         if profile is not None:
             self.notify.email(case, outcome, to=profile.email, locale=profile.locale, account_id=profile.id,

@@ -10,10 +10,10 @@ import hmac
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from recovery import audit, timers, totp
-from recovery.cases import CaseService
+from recovery.cases import LIVE_ENROLL_LINK, CaseService
 from recovery.crypto import hash_password, new_recovery_codes, new_token, token_hash
 from recovery.errors import TokenError, TotpError, WrongPassword
 from recovery.machine import FINAL, OPEN, State
@@ -50,9 +50,7 @@ class LinkService(CaseService):
         self.notify.staff(case, "link_sent", hold_hours=rule.hold_hours)
 
     def _issue_enroll_link(self, case: Case, template: str, *, expires_at) -> None:
-        self.s.execute(update(LinkToken).where(LinkToken.account_id == case.account_id, LinkToken.kind == "enroll",
-                                               LinkToken.used_at.is_(None), LinkToken.revoked_at.is_(None))
-                       .values(revoked_at=self.now))
+        self.revoke_enroll_links(LinkToken.account_id == case.account_id)  # one live link per account
         token = new_token()
         self.s.add(LinkToken(token_hash=token_hash(token), kind="enroll", case_id=case.id,
                              account_id=case.account_id, created_at=self.now, expires_at=expires_at))
@@ -69,8 +67,7 @@ class LinkService(CaseService):
         self._issue_enroll_link(case, "link_reminder", expires_at=live.expires_at)
 
     def _live_enroll(self, case: Case) -> LinkToken | None:
-        return self.s.scalar(select(LinkToken).where(LinkToken.case_id == case.id, LinkToken.kind == "enroll",
-                                                     LinkToken.used_at.is_(None), LinkToken.revoked_at.is_(None)))
+        return self.s.scalar(select(LinkToken).where(LinkToken.case_id == case.id, *LIVE_ENROLL_LINK))
 
     # ---- the enroll page --------------------------------------------------------------------------
 
@@ -87,16 +84,19 @@ class LinkService(CaseService):
                 raise TokenError("used")
             if row.revoked_at is not None:
                 raise TokenError("revoked")
-            if row.expires_at <= self.now:
-                raise TokenError("expired")
-            if case.state != State.LINK_SENT:
-                raise TokenError("case_closed")
+        if row.expires_at <= self.now:
+            raise TokenError("expired")
+        if kind == "enroll" and case.state != State.LINK_SENT:
+            raise TokenError("case_closed")
         return row, case
 
     def enroll_view(self, raw: str, browser: str | None) -> EnrollView:
         """`browser` is the secret the page set in a cookie when the customer started; once a link is
         started in one browser, no other holder of the link can see the setup key or finish."""
         row, case = self._token(raw, "enroll")
+        return self._view(row, case, browser)
+
+    def _view(self, row: LinkToken, case: Case, browser: str | None) -> EnrollView:
         profile = self._owner(case)
         if row.browser_hash is None:
             return EnrollView("start", case.id, profile.email, profile.locale,
@@ -115,8 +115,7 @@ class LinkService(CaseService):
         browser. Returns the view and the browser secret for the page to keep in a cookie."""
         row, case = self._token(raw, "enroll", lock=True)
         if row.browser_hash is not None:
-            self._same_browser(row, browser)
-            return self.enroll_view(raw, browser), browser
+            return self._view(row, case, browser), browser
         if self.directory.supports_password:
             if not self.directory.verify_password(case.account_id, password or ""):
                 self._link_failure(row, case, "wrong password on the re-enrollment page")
@@ -127,7 +126,7 @@ class LinkService(CaseService):
         audit.append(self.s, case_id=case.id, event="link_started", from_state=case.state, to_state=case.state,
                      actor="customer", channel="web",
                      reason="password checked" if self.directory.supports_password else None, at=self.now)
-        return self.enroll_view(raw, browser), browser
+        return self._view(row, case, browser), browser
 
     def confirm(self, raw: str, code: str, browser: str | None) -> list[str]:
         """Bind the new authenticator after one good code; returns the recovery codes, shown once."""
@@ -164,16 +163,11 @@ class LinkService(CaseService):
     # ---- the cancel page --------------------------------------------------------------------------
 
     def cancel_view(self, raw: str) -> Case:
-        row, case = self._token(raw, "cancel")
-        if row.expires_at <= self.now:
-            raise TokenError("expired")
-        return case
+        return self._token(raw, "cancel")[1]
 
     def cancel_by_owner(self, raw: str) -> str:
         """Returns 'cancelled', 'already_closed' or 'disputed' (a completed case: hold and alert staff)."""
         row, case = self._token(raw, "cancel", lock=True)
-        if row.expires_at <= self.now:
-            raise TokenError("expired")
         row.used_at = row.used_at or self.now
         others = self._cancel_other_open_cases(row.account_id, case)
         if case.state == State.COMPLETED:

@@ -2,7 +2,6 @@
 the documented shapes in tests/fixtures/intercom/ and signed the way Intercom signs them."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import hmac
 import json

@@ -5,11 +5,8 @@ the app must refuse them itself before either database sees them.
 """
 from __future__ import annotations
 
-import email
 import json
 import time
-from email.policy import default as default_policy
-from pathlib import Path
 
 import pytest
 import requests
@@ -19,11 +16,10 @@ from sqlalchemy import text
 
 from bot.web import MAX_BODY, create_app
 from bot.webchat import MAX_TEXT
-from tests.conftest import code_in, link_in
-from tests.helpers import load_demo
+from tests.conftest import link_in
+from tests.helpers import awaiting_case, last_mail, load_demo
 
 TABLES = ("inbox_events", "chat_messages", "chat_sessions", "cases", "audit_log", "outbox", "link_tokens")
-FACT_ANSWERS = {"first_deposit_month": "May 2023", "last_withdrawal_currency": "USDT"}
 
 
 def counts(c) -> dict[str, int]:
@@ -235,28 +231,14 @@ def test_bad_link_tokens_show_the_link_error_page(chat):
     assert counts(chat.c) == before
 
 
-def _latest_mail(folder: Path, template: str):
-    files = sorted(folder.glob(f"*-{template}.eml"))
-    assert files, f"no {template!r} email in {folder}"
-    return email.message_from_bytes(files[-1].read_bytes(), policy=default_policy)
-
-
 def _enroll_link(chat: Chat) -> tuple[str, str]:
     """Drive alex@example.com's case through the domain to link_sent; returns (case id, enroll path)."""
     c = chat.c
-    mail = Path(c.settings.MAIL_OUTBOX_DIR)
     load_demo(c)
-    with c.recovery.service() as svc:
-        case_id = svc.open(conversation_key=f"webchat:{chat.sid}", channel="webchat",
-                           email="alex@example.com", locale="en").id
-    c.worker.drain()
-    with c.recovery.service() as svc:
-        assert svc.submit_code(case_id, code_in(_latest_mail(mail, "verification_code"))).status == "ok"
-        while (fact := svc.next_question(svc.get(case_id))) is not None:
-            svc.answer_fact(case_id, FACT_ANSWERS[fact])
+    case_id = awaiting_case(c, "alex@example.com", conversation_key=f"webchat:{chat.sid}")
     c.recovery.decide(case_id, approver="alice", decision="approve", channel="cli")
     c.worker.drain()
-    link = link_in(_latest_mail(mail, "enroll_link"), "enroll")
+    link = link_in(last_mail(c, "enroll_link", case_id), "enroll")
     return case_id, "/enroll/" + link.rsplit("/enroll/", 1)[1]
 
 

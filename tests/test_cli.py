@@ -2,10 +2,8 @@
 databases: schema, demo data, account imports, case commands, audit verification and configuration."""
 from __future__ import annotations
 
-import email
 import json
 import re
-from email.policy import default as default_policy
 from pathlib import Path
 
 import pytest
@@ -13,10 +11,9 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from bot.cli import main
-from tests.conftest import SECRET, code_in
-from tests.helpers import load_demo
+from tests.conftest import SECRET
+from tests.helpers import awaiting_case, last_mail, load_demo
 
-FACT_ANSWERS = {"first_deposit_month": "May 2023", "last_withdrawal_currency": "USDT"}
 
 
 # ---- running the CLI ---------------------------------------------------------------------------------
@@ -71,27 +68,10 @@ def count(db_url: str, table: str) -> int:
 
 # ---- a case driven through the domain ----------------------------------------------------------------
 
-def latest_mail(folder: Path, template: str):
-    files = sorted(folder.glob(f"*-{template}.eml"))
-    assert files, f"no {template!r} email in {folder}: {sorted(p.name for p in folder.glob('*'))}"
-    return email.message_from_bytes(files[-1].read_bytes(), policy=default_policy)
-
-
 def case_awaiting_approval(c) -> str:
     """alex@example.com opens a case, types the emailed code and answers both facts right."""
     load_demo(c)
-    with c.recovery.service() as svc:
-        case_id = svc.open(conversation_key="webchat:cli-test", channel="webchat",
-                           email="alex@example.com", locale="en").id
-    c.worker.drain()  # the code email goes to MAIL_OUTBOX_DIR
-    code = code_in(latest_mail(Path(c.settings.MAIL_OUTBOX_DIR), "verification_code"))
-    with c.recovery.service() as svc:
-        assert svc.submit_code(case_id, code).status == "ok"
-        while (fact := svc.next_question(svc.get(case_id))) is not None:
-            svc.answer_fact(case_id, FACT_ANSWERS[fact])
-        assert svc.get(case_id).state == "awaiting_approval"
-    c.worker.drain()
-    return case_id
+    return awaiting_case(c, "alex@example.com", conversation_key="webchat:cli-test")
 
 
 # ---- schema and demo data ------------------------------------------------------------------------------
@@ -265,7 +245,7 @@ def test_case_decisions_from_the_cli(sqlite_url, make_container, cli):
 
     assert f"case {case_id} is now link_sent" in ok(cli("cases", "approve", case_id, "--approver", "alice",
                                                         db_url=sqlite_url))
-    assert latest_mail(Path(c.settings.MAIL_OUTBOX_DIR), "enroll_link")["To"] == "alex@example.com"
+    assert last_mail(c, "enroll_link")["To"] == "alex@example.com"
     refused(cli("cases", "deny", case_id, "--approver", "bob", "--reason", "late", db_url=sqlite_url),
             "refused", "not allowed in state 'link_sent'")
 

@@ -2,7 +2,6 @@
 their language; the code the bot asked for is expected, and the bot never asks for any secret itself."""
 from __future__ import annotations
 
-import logging
 import re
 from datetime import datetime, timezone
 
@@ -18,7 +17,8 @@ from recovery.models import ChatMessage, InboxEvent
 from recovery.redact import redact
 from tests.conftest import ChatClient, code_in
 from tests.helpers import account, load_accounts
-from tests.test_security import dump_database, folder_mails, logged_by_us
+from tests.helpers import folder_mails
+from tests.test_security import dump_database, logged_by_us
 
 # Fixed phrases (valid BIP-39 checksums), so a failure is reproducible.
 PHRASE_12 = Mnemonic("english").to_mnemonic(bytes(range(16)))

@@ -9,15 +9,12 @@ maps every invariant to its tests.
 """
 from __future__ import annotations
 
-import email
 import json
 import logging
 import re
 import threading
 import uuid
 from datetime import datetime, timezone
-from email.policy import default as default_policy
-from pathlib import Path
 
 import pyotp
 import pytest
@@ -33,7 +30,8 @@ from recovery.errors import ApprovalRefused, IllegalTransition, StepUpRequired, 
 from recovery.models import (Account, Approval, AuditRecord, Case, CaseCheck, ChatMessage, Conversation,
                              LinkToken, RecoveryCode, WithdrawalHold)
 from tests.conftest import ChatClient, code_in, free_port, link_in, text_part
-from tests.helpers import account, load_accounts
+from tests.helpers import (account, awaiting_case, folder_mails, get_case, last_mail, load_accounts, open_case,
+                           pass_checks)
 
 ALEX, MEI, SAM = "alex@example.com", "mei@example.com", "sam@example.com"   # low, medium, high risk
 ALEX_ID, MEI_ID, SAM_ID = "acct-1001", "acct-1002", "acct-1003"
@@ -57,62 +55,6 @@ def load_demo(c, *, alex_password: bool = False) -> None:
         if not (alex_password and rec["email"] == ALEX):
             rec.pop("password")
     load_accounts(c, records)
-
-
-def folder_mails(c, template: str | None = None, *, case_id: str | None = None, to: str | None = None):
-    """Emails the local mailer wrote (MAIL_OUTBOX_DIR), oldest first."""
-    folder = Path(c.settings.MAIL_OUTBOX_DIR)
-    found = []
-    for path in sorted(folder.glob("*.eml")) if folder.exists() else []:
-        msg = email.message_from_bytes(path.read_bytes(), policy=default_policy)
-        if ((template is None or msg["X-Recovery-Template"] == template)
-                and (case_id is None or msg["X-Recovery-Case"] == case_id)
-                and (to is None or msg["To"] == to)):
-            found.append(msg)
-    return found
-
-
-def last_mail(c, template: str, case_id: str):
-    mails = folder_mails(c, template, case_id=case_id)
-    assert mails, f"no {template!r} email for {case_id}"
-    return mails[-1]
-
-
-def get_case(c, case_id: str) -> Case:
-    with c.recovery.service() as svc:
-        return svc.get(case_id)
-
-
-def open_case(c, address: str, *, opened_by: str = "customer") -> str:
-    """Open a case as the chat would (or as staff, with opened_by) and send out its first emails."""
-    with c.recovery.service() as svc:
-        case_id = svc.open(conversation_key=f"webchat:{uuid.uuid4().hex}", channel="webchat",
-                           email=address, locale="en", opened_by=opened_by).id
-    c.worker.drain()
-    return case_id
-
-
-def pass_checks(c, case_id: str, code: str | None = None) -> Case:
-    """Type the emailed code and answer the account questions correctly."""
-    code = code or code_in(last_mail(c, "verification_code", case_id))
-    with c.recovery.service() as svc:
-        assert svc.submit_code(case_id, code).status == "ok"
-        case = svc.get(case_id)
-        facts = svc.directory.get(case.account_id).facts
-        question = svc.next_question(case)
-    while question is not None:
-        with c.recovery.service() as svc:
-            question = svc.answer_fact(case_id, facts[question])
-    c.worker.drain()
-    case = get_case(c, case_id)
-    assert case.state == "awaiting_approval", case.state
-    return case
-
-
-def awaiting_case(c, address: str, *, opened_by: str = "customer") -> str:
-    case_id = open_case(c, address, opened_by=opened_by)
-    pass_checks(c, case_id)
-    return case_id
 
 
 def enroll_approver(c, approver_id: str) -> pyotp.TOTP:

@@ -29,14 +29,14 @@ from recovery.models import CaseDocument, Conversation, OutboxMessage, SlackCard
 from recovery.notify import Notifier
 from recovery.outbox import Dispatcher
 from tests.conftest import SECRET, ChatClient, code_in, link_in
-from tests.helpers import account, load_accounts
+from tests.helpers import (account, awaiting_case, folder_mails, get_case, last_mail, load_accounts, open_case,
+                           pass_checks)
 from tests.intercom_api import FakeIntercom, settings_for
 from tests.slack_api import (SIGNING_SECRET, TEAM, FakeSlack, button_click, interaction, signed, slash,
                              submission)
 from tests.test_intercom import USER as INTERCOM_USER, Customer
-from tests.test_security import (ALEX, MEI, SAM, _cases_awaiting, approvals, audit_events, awaiting_case,
-                                 enroll_approver, folder_mails, fresh_code, get_case, last_mail, load_demo,
-                                 manual_clock, open_case, pass_checks, snapshot, token_of, wrong_totp)
+from tests.test_security import (ALEX, MEI, SAM, _cases_awaiting, approvals, audit_events, enroll_approver,
+                                 fresh_code, load_demo, manual_clock, snapshot, token_of, wrong_totp)
 
 CHANNEL = "C0APPROVE"
 ALICE, BOB, CAROL, MALLORY = "UALICE", "UBOB", "UCAROL", "UMALLORY"   # CAROL is the security group
