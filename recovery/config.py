@@ -117,6 +117,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Settings":
+        if "PUBLIC_BASE_URL" not in self.model_fields_set:
+            # Links in emails must reach this server: follow PORT (and HOST) unless told otherwise.
+            host = "127.0.0.1" if self.HOST in ("0.0.0.0", "::", "") else self.HOST
+            self.PUBLIC_BASE_URL = f"http://{host}:{self.PORT}"
         if self.ACCOUNT_DIRECTORY == "http" and not self.ACCOUNT_API_URL:
             raise ValueError("ACCOUNT_DIRECTORY=http needs ACCOUNT_API_URL")
         if self.slack_enabled:

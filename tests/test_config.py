@@ -51,3 +51,14 @@ def test_heroku_database_url_is_accepted(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgres://u:p@db:5432/x")
     monkeypatch.setenv("SECRET_KEY", "k" * 40)
     assert load_settings().DATABASE_URL == "postgresql+psycopg://u:p@db:5432/x"
+
+
+def test_public_base_url_follows_port_unless_set(monkeypatch):
+    """Without PUBLIC_BASE_URL, links point at the port the bot listens on; a set value wins."""
+    for name in ("PORT", "HOST", "PUBLIC_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert load_settings().PUBLIC_BASE_URL == "http://127.0.0.1:8000"
+    monkeypatch.setenv("PORT", "8765")
+    assert load_settings().PUBLIC_BASE_URL == "http://127.0.0.1:8765"
+    monkeypatch.setenv("PUBLIC_BASE_URL", "https://help.example.com")
+    assert load_settings().PUBLIC_BASE_URL == "https://help.example.com"
