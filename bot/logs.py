@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
-TOKEN_PATH = re.compile(r"/(enroll|cancel)/[A-Za-z0-9_\-]+")
+TOKEN_PATH = re.compile(r"/(enroll|cancel|lock)/[A-Za-z0-9_\-]+")
 
 
 class RedactTokens(logging.Filter):

@@ -1,5 +1,6 @@
-"""The enroll and cancel pages. Tokens travel in the URL, so every response forbids caching and
-referrers; GET never changes anything (mail scanners prefetch links), only POST does."""
+"""The enroll, cancel and lock pages. Tokens travel in the URL, so every response forbids caching and
+referrers; GET never changes anything (mail scanners prefetch links), only POST does. Every request is
+counted per client address first (429 with Retry-After over the limit), whatever its token."""
 from __future__ import annotations
 
 import segno
@@ -87,15 +88,39 @@ def enroll(token: str):
     return c.renderer.page("link_error", locale, reason="bad_step"), 400
 
 
-@bp.route("/cancel/<token>", methods=["GET", "POST"])
-def cancel(token: str):
+@bp.before_request
+def limit_link_lookups():
+    """Every request to a link page counts against its client address, whatever the token."""
     c = _c()
+    wait = c.recovery.link_lookup_allowed(request.remote_addr)
+    if wait is None:
+        return None
+    c.metrics.failure("link_rate_limited")
+    resp = make_response(c.renderer.page("link_error", _lang(), reason="rate_limited", minutes=-(-wait // 60)), 429)
+    resp.headers["Retry-After"] = str(wait)
+    return resp
+
+
+def _owner_page(kind: str, token: str):
+    """The cancel and lock pages: GET says what the button does, POST does it once."""
+    c = _c()
+    view_fn, act_fn = ((c.recovery.cancel_view, c.recovery.cancel_by_owner) if kind == "cancel"
+                       else (c.recovery.lock_view, c.recovery.lock_by_owner))
     try:
-        case = c.recovery.cancel_view(token)
+        view = view_fn(token)
     except (TokenError, NotFound) as exc:
         return _link_error(exc if isinstance(exc, TokenError) else TokenError("unknown"), _lang())
-    locale = _lang(case.locale)
-    if request.method == "GET":
-        return c.renderer.page("cancel_confirm", locale, case_id=case.id, state=case.state)
-    outcome = c.recovery.cancel_by_owner(token)
-    return c.renderer.page("cancel_done", locale, outcome=outcome, case_id=case.id)
+    locale = _lang(view.locale)
+    if request.method == "POST":
+        view = act_fn(token)
+    return c.renderer.page(f"{kind}_page", locale, view=view)
+
+
+@bp.route("/cancel/<token>", methods=["GET", "POST"])
+def cancel(token: str):
+    return _owner_page("cancel", token)
+
+
+@bp.route("/lock/<token>", methods=["GET", "POST"])
+def lock(token: str):
+    return _owner_page("lock", token)

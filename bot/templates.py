@@ -6,6 +6,7 @@ come from settings, never text in templates.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
@@ -13,6 +14,16 @@ from markupsafe import Markup
 
 BUILTIN = Path(__file__).resolve().parent.parent / "templates"
 LOCALES = ("en", "zh-TW")
+
+
+def when(value) -> str:
+    """A moment as people read it in a notice: '2026-12-02 04:05 UTC'. Takes a datetime or ISO text."""
+    if value is None or value == "":
+        return ""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def pick_locale(locale: str | None) -> str:
@@ -35,6 +46,7 @@ class Renderer:
                                autoescape=True, trim_blocks=True, lstrip_blocks=True)
         for env in (self.text_env, self.env):
             env.globals.update(globals or {})
+            env.filters["when"] = when
         self.env.globals["t"] = self._t_for_page
 
     def block(self, template: str, name: str, context: dict, *, html: bool = False) -> str:

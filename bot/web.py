@@ -29,10 +29,17 @@ def create_app(container) -> Flask:
     app.register_blueprint(intercom_webhook.bp)
     # Socket Mode alone (SLACK_APP_TOKEN, no signing secret) gets no HTTP route: nothing could verify it.
     if container.slack_app is not None and container.settings.SLACK_SIGNING_SECRET.strip():
-        from slack_bolt.adapter.flask import SlackRequestHandler
+        from slack_bolt.adapter.flask.handler import to_flask_response
 
-        slack = SlackRequestHandler(container.slack_app)
-        app.add_url_rule("/slack/events", "slack_events", lambda: slack.handle(request), methods=["POST"])
+        from bot.slack import gate
+
+        @app.post("/slack/events")
+        def slack_events():
+            bolt_request, refusal = gate.check(request.get_data(cache=True), request.headers,
+                                               signing_secret=container.settings.SLACK_SIGNING_SECRET.strip())
+            if refusal is not None:
+                raise ApiError(refusal.status, refusal.error, refusal.message)
+            return to_flask_response(container.slack_app.dispatch(bolt_request))
 
     @app.get("/healthz")
     def healthz():
@@ -59,7 +66,7 @@ def create_app(container) -> Flask:
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("X-Frame-Options", "DENY")
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
-        if request.path.startswith(("/enroll/", "/cancel/", "/chat/api/")):
+        if request.path.startswith(("/enroll/", "/cancel/", "/lock/", "/chat/api/")):
             resp.headers["Cache-Control"] = "no-store"
         return resp
 

@@ -129,24 +129,39 @@ def _buttons(renderer, locale: str, keys) -> list[dict]:
     return [{"label": renderer.button(k, locale), "text": renderer.button(k, locale)} for k in keys]
 
 
+class WebChatTranscript:
+    """Writes bot replies for `webchat:` conversations into the transcript, inside the dialog's own
+    transaction (recovery.notify.ChatWriter): there is nothing to send, so nothing to queue."""
+
+    def __init__(self, renderer):
+        self.renderer = renderer
+
+    def write(self, session, *, conversation: str, message: str, locale: str, buttons: list[str],
+              context: dict, key: str, now) -> None:
+        session_id = conversation.split(":", 1)[1]
+        session.get(ChatSession, session_id, with_for_update=True)  # see post_message
+        if key and session.scalar(select(ChatMessage.seq).where(ChatMessage.source_key == key)):
+            return
+        session.add(ChatMessage(session_id=session_id, sender="bot",
+                                text=self.renderer.chat(message, locale, context),
+                                buttons=_buttons(self.renderer, locale, buttons), source_key=key,
+                                message_key=message[:48], created_at=now))
+
+
 class WebChatSender:
-    """Delivers bot replies for `webchat:` conversations into the transcript."""
+    """Delivers web-chat replies that were queued in the outbox (by a version that queued them)."""
 
     def __init__(self, db, renderer, clock):
-        self.db, self.renderer, self.clock = db, renderer, clock
+        self.db, self.transcript, self.clock = db, WebChatTranscript(renderer), clock
 
     def send(self, message: Outgoing) -> None:
         p = message.payload
-        session_id = p["conversation"].split(":", 1)[1]
-        text = self.renderer.chat(p["message"], p["locale"], p.get("context", {}))
         try:
             with self.db.transaction() as s:
-                s.get(ChatSession, session_id, with_for_update=True)  # see post_message
-                if s.scalar(select(ChatMessage.seq).where(ChatMessage.source_key == message.idempotency_key)):
-                    return
-                s.add(ChatMessage(session_id=session_id, sender="bot", text=text,
-                                  buttons=_buttons(self.renderer, p["locale"], p.get("buttons", [])),
-                                  source_key=message.idempotency_key, created_at=self.clock.now()))
+                self.transcript.write(s, conversation=p["conversation"], message=p["message"],
+                                      locale=p["locale"], buttons=p.get("buttons", []),
+                                      context=p.get("context", {}), key=message.idempotency_key,
+                                      now=self.clock.now())
         except IntegrityError:
             return  # delivered by a racing attempt
 

@@ -9,7 +9,7 @@ from bot.mail import FolderMailer, SmtpMailer
 from bot.metrics import Metrics
 from bot.staff import ConsoleStaffNotifier
 from bot.templates import Renderer
-from bot.webchat import ChatRouter, WebChatSender
+from bot.webchat import ChatRouter, WebChatSender, WebChatTranscript
 from bot.worker import Worker
 from recovery.app import Recovery
 from recovery.clock import Clock
@@ -67,7 +67,7 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
                 public_base_url=settings.PUBLIC_BASE_URL,
                 approver_ids=frozenset(settings.approver_ids()),
                 security_approver_ids=frozenset(settings.security_approver_ids()),
-                brand_name=settings.BRAND_NAME)
+                brand_name=settings.BRAND_NAME, chat_writers={"webchat": WebChatTranscript(renderer)})
     recovery = Recovery(db, deps)
     if settings.SMTP_URL:
         mailer = SmtpMailer(settings.SMTP_URL, mail_from=settings.MAIL_FROM, renderer=renderer)

@@ -6,6 +6,7 @@ import threading
 from datetime import timedelta
 
 from recovery import inbox, limits
+from recovery.outbox import EMAIL_LANE, OTHER_LANE
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +17,7 @@ class Worker:
         self.handler, self.clock, self.idle_sleep = handler, clock, idle_sleep
         self.stop_event = threading.Event()
         self.wake_event = threading.Event()
+        self.mail_wake = threading.Event()
         self._pruned_at = None
 
     def wake(self) -> None:
@@ -31,8 +33,9 @@ class Worker:
                 limits.prune(session, now=now)
             self._pruned_at = now
 
-    def run_once(self, batch: int = 50, inbox_batch: int = 10) -> int:
-        """One pass over the three queues; returns how many items were handled.
+    def run_once(self, batch: int = 50, inbox_batch: int = 10, lane=None) -> int:
+        """One pass over the three queues; returns how many items were handled. `lane` limits which
+        outbox messages this pass sends (run_forever sends email from a loop of its own).
 
         The inbox batch is small so replies go out soon after their message, not after a long backlog.
         """
@@ -45,7 +48,7 @@ class Worker:
             if not self.recovery.fire_due_timer():
                 break
             done += 1
-        done += self.dispatcher.run_once(batch)
+        done += self.dispatcher.run_once(batch, lane)
         self._housekeeping()
         return done
 
@@ -60,19 +63,39 @@ class Worker:
         return total
 
     def run_forever(self) -> None:
+        """Inbox, timers and chat or staff messages in this loop; email in a loop of its own, so an
+        email (a slow SMTP server, or the two emails a case start writes) never delays a chat reply,
+        and reply timing says nothing about whether an address has an account."""
         log.info("worker started")
+        mail = threading.Thread(target=self._loop, args=(self._mail_pass, self.mail_wake), name="worker-mail",
+                                daemon=True)
+        mail.start()
+        self._loop(self._main_pass, self.wake_event)
+        mail.join(timeout=10)
+        log.info("worker stopped")
+
+    def _main_pass(self) -> int:
+        done = self.run_once(lane=OTHER_LANE)
+        if done:
+            self.mail_wake.set()  # whatever this pass did may have written email
+        return done
+
+    def _mail_pass(self) -> int:
+        return self.dispatcher.run_once(50, EMAIL_LANE)
+
+    def _loop(self, one_pass, wake: threading.Event) -> None:
         while not self.stop_event.is_set():
             try:
-                busy = self.run_once()
+                busy = one_pass()
             except Exception:  # noqa: BLE001 - e.g. the database restarting; try again shortly
                 log.exception("worker pass failed; retrying")
                 busy = 0
                 self.stop_event.wait(2.0)
             if not busy:
-                self.wake_event.wait(self.idle_sleep)
-                self.wake_event.clear()
-        log.info("worker stopped")
+                wake.wait(self.idle_sleep)
+                wake.clear()
 
     def stop(self) -> None:
         self.stop_event.set()
         self.wake_event.set()
+        self.mail_wake.set()

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from datetime import timedelta
 
-
-from recovery import audit, timers
+from recovery import audit, limits, timers
 from recovery.cases import step_up_failure_key
 from recovery.deps import Deps
 from recovery.errors import ApprovalRefused, TotpError, WrongPassword
@@ -68,13 +68,32 @@ class Recovery:
     def confirm_enroll(self, token: str, code: str, browser: str | None) -> list[str]:
         return self._commit_then_raise(lambda svc: svc.confirm(token, code, browser))
 
-    def cancel_view(self, token: str) -> Case:
+    def cancel_view(self, token: str):
         with self.service() as svc:
             return svc.cancel_view(token)
 
-    def cancel_by_owner(self, token: str) -> str:
+    def cancel_by_owner(self, token: str):
         with self.service() as svc:
             return svc.cancel_by_owner(token)
+
+    def lock_view(self, token: str):
+        with self.service() as svc:
+            return svc.lock_view(token)
+
+    def lock_by_owner(self, token: str):
+        with self.service() as svc:
+            return svc.lock_by_owner(token)
+
+    def link_lookup_allowed(self, client: str | None) -> int | None:
+        """Count one request to a link page from `client` (an IP address); None when allowed, else the
+        seconds to wait. Counted before the token is looked at, so unknown, used, expired and live
+        tokens are limited alike and the limit says nothing about which is which."""
+        p = self.deps.policy
+        key, window = f"link_lookup:ip:{client or '-'}", timedelta(minutes=p.link_lookup_window_minutes)
+        with self.service() as svc:
+            if limits.allow(svc.s, key, now=svc.now, limit=p.link_lookups_per_ip, window=window):
+                return None
+            return limits.retry_after(svc.s, key, now=svc.now, limit=p.link_lookups_per_ip, window=window)
 
     # ---- timers -------------------------------------------------------------------------------------
 
@@ -110,7 +129,7 @@ def _code_expiry(svc: LinkService, case: Case) -> None:
 
 def _verifying_expiry(svc: LinkService, case: Case) -> None:
     if case.state == State.VERIFYING:
-        svc.expire(case, "identity checks were not finished in time")
+        svc.expire(case, "checks_timeout")
 
 
 def _approval_nudge(event: str):
@@ -124,7 +143,7 @@ def _approval_nudge(event: str):
 def _approval_expiry(svc: LinkService, case: Case) -> None:
     # An unanswered request never turns into a yes.
     if case.state == State.AWAITING_APPROVAL:
-        svc.expire(case, "no approver decided in time")
+        svc.expire(case, "approval_timeout")
 
 
 def _notice_window(svc: LinkService, case: Case) -> None:
@@ -134,7 +153,7 @@ def _notice_window(svc: LinkService, case: Case) -> None:
 
 def _link_expiry(svc: LinkService, case: Case) -> None:
     if case.state == State.LINK_SENT:
-        svc.expire(case, "the re-enrollment link was not used in time")
+        svc.expire(case, "link_timeout")
 
 
 def _link_reminder(svc: LinkService, case: Case) -> None:

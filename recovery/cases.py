@@ -14,14 +14,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from recovery import audit, checks, limits, machine, timers, totp
-from recovery.checks import FAIL, PASS, PENDING
+from recovery.checks import FAIL, NEUTRAL, PASS, PENDING
 from recovery.crypto import new_email_code
 from recovery.deps import Deps
 from recovery.errors import (ApprovalRefused, IllegalTransition, LimitReached, NotFound, StepUpRequired,
                              TotpError)
 from recovery.machine import OPEN, State
 from recovery.models import Approval, Approver, Attempt, Case, CaseCheck, EmailCode, LinkToken
-from recovery.notify import Notifier
 from recovery.risk import assess
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class CaseService:
         self.now = deps.clock.now()
         self.policy = deps.policy
         self.directory = deps.directory_for(session)
-        self.notify = Notifier(session, deps.keyring, deps.public_base_url, self.now)
+        self.notify = deps.notifier(session, self.now)
 
     # ---- lookups -----------------------------------------------------------------------------
 
@@ -98,45 +97,77 @@ class CaseService:
              opened_by: str = "customer", verified_account_id: str | None = None) -> Case:
         """Open a case for the account registered under `email`.
 
-        The customer sees the same thing whether or not the address is registered: an unknown address
-        (or one whose account may not open another case) gets a case with no account, which can never
-        pass its code check.
+        The customer sees the same thing, at the same speed, whether or not the address is registered
+        and whether or not its account may start a recovery now. Every start takes the same steps: the
+        same queries, a code made and hashed, two emails written to the outbox. A start that cannot
+        proceed (unknown address, a case already open, too many cases) gets a stand-in case with no
+        account, which can never pass its code check; its emails are written but never sent, except
+        the notice that tells a real owner what was refused and why.
         """
         profile = self.directory.find_by_email(email)
-        decoy_reason = None
-        if profile is None:
-            decoy_reason = "unknown_email"
-        else:
-            open_count = self.s.scalar(select(func.count(Case.id)).where(
-                Case.account_id == profile.id, Case.state.in_([s.value for s in OPEN])))
-            recent = self.s.scalar(select(func.count(Case.id)).where(
-                Case.account_id == profile.id, Case.created_at >= self.now - timedelta(days=30)))
-            if open_count >= self.policy.max_open_cases_per_account:
-                decoy_reason = "case_already_open"
-            elif recent >= self.policy.max_cases_per_30_days:
-                decoy_reason = "too_many_cases"
+        refusal, open_case, resets_at = self._start_refusal(profile)
         case = Case(id=new_case_id(), state=State.OPENED.value,
-                    account_id=None if decoy_reason else profile.id, channel=channel,
+                    account_id=None if refusal else profile.id, channel=channel,
                     conversation_id=conversation_key, opened_by=opened_by,
                     locale=locale, risk_reasons=[], created_at=self.now, updated_at=self.now)
         self.s.add(case)
         self.s.flush()
         audit.append(self.s, case_id=case.id, event="open", from_state=None, to_state=case.state,
-                     actor=opened_by, channel=channel, reason=decoy_reason, at=self.now)
+                     actor=opened_by, channel=channel, reason=refusal, at=self.now)
         self._fire(case, "start_checks")
         verified = bool(profile and verified_account_id == profile.id)
-        self.set_check(case, "verified_session", PASS if verified else FAIL,
-                       {"note": "logged-in chat user" if verified else "not a logged-in user"})
+        # Not being in a logged-in chat is no failure: most customers who lost their phone are not.
+        self.set_check(case, "verified_session", PASS if verified else NEUTRAL,
+                       {"note": "logged-in chat user" if verified else "not a logged-in chat user"})
         self._send_code(case, first=True)
         timers.schedule_in(self.s, case.id, "verifying_expiry", self.now, hours=self.policy.verifying_ttl_hours)
-        # A refused attempt (a case is already open, or too many) still tells the owner, but at most once
-        # in a while: new chat sessions are free, and a flood would bury the notice that matters.
-        if profile is not None and (decoy_reason is None or limits.allow(
-                self.s, f"owner_notice:{profile.id}", now=self.now, limit=1,
-                window=timedelta(hours=OWNER_NOTICE_HOURS))):
+        if refusal is None:
             self.notify.email(case, "reset_requested", to=profile.email, locale=profile.locale,
-                              account_id=profile.id, decoy=bool(decoy_reason))
+                              account_id=profile.id, **self._request_context(opened_by, channel))
+        elif refusal == "unknown_email" or not self._owner_notice_due(profile):
+            # Nobody to tell (or told recently): the same work as a notice, never sent.
+            self.notify.email(case, "start_refused", to=None, locale=locale, account_id=None, with_cancel=False,
+                              send=False, reason=refusal)
+        else:
+            context = dict(self._request_context(opened_by, channel), reason=refusal,
+                           open_case_id=open_case.id if open_case else None,
+                           resets_at=resets_at.isoformat() if resets_at else None,
+                           max_cases=self.policy.max_cases_per_30_days)
+            cancel = {"cancel_url": self.notify.cancel_url(open_case, profile.id)} if open_case else {}
+            self.notify.email(case, "start_refused", to=profile.email, locale=profile.locale,
+                              account_id=profile.id, with_cancel=False, **context, **cancel)
         return case
+
+    def _start_refusal(self, profile) -> tuple[str | None, Case | None, object]:
+        """Why this start cannot proceed (or None), the account's open case, and when the 30-day limit
+        frees a place. The same two queries run for an unknown address, so timing tells nothing."""
+        account_id = profile.id if profile is not None else ""
+        open_cases = list(self.s.scalars(select(Case).where(Case.account_id == account_id,
+                                                            Case.state.in_([s.value for s in OPEN]))
+                                         .order_by(Case.created_at)))
+        recent = list(self.s.scalars(select(Case.created_at).where(
+            Case.account_id == account_id, Case.created_at >= self.now - timedelta(days=30))
+            .order_by(Case.created_at)))
+        open_case = open_cases[0] if open_cases else None
+        if profile is None:
+            return "unknown_email", None, None
+        if len(open_cases) >= self.policy.max_open_cases_per_account:
+            return "case_already_open", open_case, None
+        if len(recent) >= self.policy.max_cases_per_30_days:
+            frees = recent[len(recent) - self.policy.max_cases_per_30_days]
+            return "too_many_cases", open_case, frees + timedelta(days=30)
+        return None, None, None
+
+    def _owner_notice_due(self, profile) -> bool:
+        # A refused start still tells the owner, but at most once in a while: new chat sessions are free,
+        # and a flood would bury the notice that matters.
+        return limits.allow(self.s, f"owner_notice:{profile.id}", now=self.now, limit=1,
+                            window=timedelta(hours=OWNER_NOTICE_HOURS))
+
+    def _request_context(self, opened_by: str, channel: str) -> dict:
+        """What a security notice says about the request: when, where, and who started it."""
+        return {"requested_at": self.now.isoformat(), "request_channel": channel,
+                "by_staff": opened_by != "customer"}
 
     def _send_code(self, case: Case, *, first: bool = False) -> None:
         self.s.execute(update(EmailCode).where(EmailCode.case_id == case.id).values(superseded=True))
@@ -150,10 +181,11 @@ class CaseService:
         timers.cancel(self.s, case.id, self.now, kinds=("code_expiry",))
         timers.schedule(self.s, case.id, "code_expiry", expires)
         profile = self._owner(case)
-        if profile is not None:
-            self.notify.email(case, "verification_code", to=profile.email, locale=profile.locale,
-                              account_id=profile.id, with_cancel=False, code=code,
-                              minutes=self.policy.code_ttl_minutes)
+        # A stand-in case writes the same email, never sent: it has no account to send it to.
+        self.notify.email(case, "verification_code", to=profile.email if profile else None,
+                          locale=profile.locale if profile else case.locale,
+                          account_id=profile.id if profile else None, send=profile is not None,
+                          code=code, minutes=self.policy.code_ttl_minutes)
 
     def resend_code(self, case_id: str) -> None:
         case = self.get(case_id, lock=True)
@@ -344,7 +376,8 @@ class CaseService:
         profile = self._owner(case)
         if profile is not None:
             self.notify.email(case, outcome, to=profile.email, locale=profile.locale, account_id=profile.id,
-                              with_cancel=False, reason=case.final_reason)
+                              with_cancel=False, reason=case.final_reason,
+                              hold_until=case.hold_until.isoformat() if case.hold_until else None)
         self.notify.chat(case, case.conversation_id, f"case_{outcome}", locale=case.locale)
         self.notify.staff(case, outcome, reason=case.final_reason)
 

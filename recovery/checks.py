@@ -10,6 +10,7 @@ import unicodedata
 from dataclasses import dataclass
 
 PASS, FAIL, NEEDS_REVIEW, PENDING = "pass", "fail", "needs_review", "pending"
+NEUTRAL = "neutral"  # a signal that adds nothing either way (say, a chat that is not logged in)
 
 MONTHS = {name: i for i, names in enumerate(
     [("jan", "january"), ("feb", "february"), ("mar", "march"), ("apr", "april"), ("may",),

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     # Optional: the card's link to an Intercom conversation, with {id} for the conversation id, e.g.
     # https://app.intercom.com/a/inbox/APP_ID/inbox/conversation/{id}
     SLACK_CONVERSATION_URL: str = ""
+    # When set, requests from any other Enterprise Grid organisation are refused.
+    SLACK_ENTERPRISE_ID: str = ""
 
     SMTP_URL: str = ""
     MAIL_FROM: str = "Recovery Bot <no-reply@localhost>"

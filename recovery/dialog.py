@@ -246,7 +246,9 @@ class Dialog:
 
     def _email(self, conv: Conversation, msg: Incoming, text: str) -> None:
         match = EMAIL.search(text)
-        if not self._allowed(msg, "open", per_contact=3, per_ip=10):
+        p = self.deps.policy
+        if not self._allowed(msg, "open", per_contact=p.case_starts_per_contact_per_hour,
+                             per_ip=p.case_starts_per_ip_per_hour):
             self.say(conv, "rate_limited")
             return
         case = self.cases.open(conversation_key=conv.key, channel=conv.channel, email=match.group(0),
@@ -337,5 +339,5 @@ class Dialog:
             self.say(conv, "cancel_confirm", "cancel_request", "case_status", case_id=case.id)
             return
         # Cancelling only ever makes an account safer, so the chat may do it without proof.
-        self.cases.cancel(case.id, actor="customer", channel=conv.channel, reason="cancelled in chat")
+        self.cases.cancel(case.id, actor="customer", channel=conv.channel, reason="customer_cancelled")
         conv.stage = "idle"

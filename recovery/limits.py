@@ -20,5 +20,14 @@ def allow(session: Session, key: str, *, now: datetime, limit: int, window: time
     return True
 
 
+def retry_after(session: Session, key: str, *, now: datetime, limit: int, window: timedelta) -> int:
+    """Seconds until one more attempt under `key` would be allowed (at least 1)."""
+    times = session.scalars(select(Attempt.at).where(Attempt.key == key, Attempt.at > now - window)
+                            .order_by(Attempt.at.desc()).limit(limit)).all()
+    if len(times) < limit:
+        return 1
+    return max(1, int((times[-1] + window - now).total_seconds()) + 1)
+
+
 def prune(session: Session, *, now: datetime, older_than: timedelta = timedelta(days=1)) -> None:
     session.execute(delete(Attempt).where(Attempt.at < now - older_than))

@@ -1,14 +1,19 @@
-"""Reset, re-enrollment and cancel links (DESIGN.md section 3, "Reset and re-enrollment").
+"""Re-enrollment, cancel and lock links.
 
 Enroll tokens are 256 bits, stored as SHA-256, single use, short-lived, and only one is live per
 account. The page's steps are: password (where the directory can check one), new secret and QR,
-one confirming code, then recovery codes shown once.
+one confirming code, then recovery codes shown once. The account's old factor stays in place through
+all of it: only the confirming code replaces it, in one operation through the directory. A case that
+ends any other way leaves the account's second factor exactly as it was.
+
+A cancel link acts on its own case only, and once. A lock link (from the completion email) holds
+withdrawals and alerts staff, once per case.
 """
 from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
@@ -16,8 +21,8 @@ from recovery import audit, timers, totp
 from recovery.cases import LIVE_ENROLL_LINK, CaseService
 from recovery.crypto import hash_password, new_recovery_codes, new_token, token_hash
 from recovery.errors import TokenError, TotpError, WrongPassword
-from recovery.machine import FINAL, OPEN, State
-from recovery.models import Case, LinkToken
+from recovery.machine import FINAL, State
+from recovery.models import AuditRecord, Case, LinkToken
 
 
 @dataclass
@@ -32,21 +37,43 @@ class EnrollView:
     ask_password: bool = False
 
 
+@dataclass
+class OwnerLinkView:
+    """What the cancel and lock pages may show about their case: its state and what the link did."""
+    case_id: str
+    state: str
+    locale: str
+    outcome: str | None            # None on a GET; see cancel_by_owner and lock_by_owner
+    used_at: datetime | None       # when this link (or, for lock, the case's lock) acted
+    ended_at: datetime | None      # when the case reached its final state
+    final_reason: str | None
+    hold_until: datetime | None
+    lock_hold_hours: int
+
+    @property
+    def lock_until(self) -> datetime | None:
+        """The end of the owner's lock hold, once the lock has acted."""
+        return self.used_at + timedelta(hours=self.lock_hold_hours) if self.used_at else None
+
+
+RECOVERY_CODES = 8
+
+
 class LinkService(CaseService):
     # ---- entering link_sent -----------------------------------------------------------------------
 
     def send_link(self, case: Case) -> None:
-        """The notice window is over: reset the factor, place the hold, email a fresh link."""
+        """The notice window is over: place the hold, email a fresh link. The old factor stays."""
         rule = self.policy.rule(case.risk_level)
-        self.directory.reset_factor(case.account_id, case_id=case.id)
         self.directory.place_hold(case.account_id, case_id=case.id, hours=rule.hold_hours,
                                   reason="2fa_recovery")
+        case.hold_until = self.now + timedelta(hours=rule.hold_hours)
         self._fire(case, "send_link")
         self._issue_enroll_link(case, "enroll_link", expires_at=self.now + timedelta(minutes=self.policy.link_ttl_minutes))
         timers.schedule_in(self.s, case.id, "link_expiry", self.now, minutes=self.policy.link_ttl_minutes)
         timers.schedule_in(self.s, case.id, "link_reminder", self.now, minutes=self.policy.link_reminder_minutes)
         self.notify.chat(case, case.conversation_id, "link_sent", locale=case.locale,
-                         minutes=self.policy.link_ttl_minutes)
+                         minutes=self.policy.link_ttl_minutes, hold_hours=rule.hold_hours)
         self.notify.staff(case, "link_sent", hold_hours=rule.hold_hours)
 
     def _issue_enroll_link(self, case: Case, template: str, *, expires_at) -> None:
@@ -57,7 +84,9 @@ class LinkService(CaseService):
         profile = self._owner(case)
         minutes = max(1, int((expires_at - self.now).total_seconds() // 60))
         self.notify.email(case, template, to=profile.email, locale=profile.locale, account_id=profile.id,
-                          link=f"{self.deps.public_base_url.rstrip('/')}/enroll/{token}", minutes=minutes)
+                          link=f"{self.deps.public_base_url.rstrip('/')}/enroll/{token}", minutes=minutes,
+                          hold_hours=self.policy.rule(case.risk_level).hold_hours,
+                          hold_until=case.hold_until.isoformat() if case.hold_until else None)
 
     def remind_link(self, case: Case) -> None:
         """Only the hash of the first link is kept, so the reminder carries a replacement link."""
@@ -111,25 +140,30 @@ class LinkService(CaseService):
             raise TokenError("other_browser")
 
     def start_setup(self, raw: str, password: str | None, browser: str | None) -> tuple[EnrollView, str]:
-        """Check the password (where the directory can), make the new secret and tie the link to this
-        browser. Returns the view and the browser secret for the page to keep in a cookie."""
+        """Check the password (where the directory can), make the new secret and recovery codes, and tie
+        the link to this browser. Returns the view and the browser secret for the page to keep in a
+        cookie. Nothing about the account changes here."""
         row, case = self._token(raw, "enroll", lock=True)
         if row.browser_hash is not None:
             return self._view(row, case, browser), browser
         if self.directory.supports_password:
             if not self.directory.verify_password(case.account_id, password or ""):
-                self._link_failure(row, case, "wrong password on the re-enrollment page")
+                self._link_failure(row, case)
                 raise WrongPassword("wrong password")
         browser = new_token()
         row.password_ok_at, row.browser_hash = self.now, token_hash(browser)
         row.pending_secret_enc = self.deps.keyring.encrypt(totp.new_secret())
+        # Made now and kept (encrypted) until the case completes, so a confirmation retried after a
+        # timeout sends the directory the very same codes, and its per-case idempotency stays right.
+        row.pending_codes_enc = self.deps.keyring.encrypt_json(new_recovery_codes(RECOVERY_CODES))
         audit.append(self.s, case_id=case.id, event="link_started", from_state=case.state, to_state=case.state,
                      actor="customer", channel="web",
                      reason="password checked" if self.directory.supports_password else None, at=self.now)
         return self._view(row, case, browser), browser
 
     def confirm(self, raw: str, code: str, browser: str | None) -> list[str]:
-        """Bind the new authenticator after one good code; returns the recovery codes, shown once."""
+        """Replace the old factor with the new authenticator after one good code; returns the recovery
+        codes, shown once."""
         row, case = self._token(raw, "enroll", lock=True)
         if row.browser_hash is None:
             raise TokenError("step_out_of_order")
@@ -138,66 +172,83 @@ class LinkService(CaseService):
         try:
             step = totp.verify(secret, code, now=self.now, last_step=None)
         except TotpError:
-            self._link_failure(row, case, "too many wrong codes on the re-enrollment page")
+            self._link_failure(row, case)
             raise
-        codes = new_recovery_codes(8)
-        self.directory.bind_totp(case.account_id, secret=secret, step=step,
-                                 recovery_code_hashes=[hash_password(c) for c in codes], case_id=case.id)
-        row.used_at, row.pending_secret_enc = self.now, None
+        codes = self.deps.keyring.decrypt_json(row.pending_codes_enc)
+        self.directory.replace_factor(case.account_id, secret=secret, step=step,
+                                      recovery_code_hashes=[hash_password(c) for c in codes], case_id=case.id)
+        row.used_at, row.pending_secret_enc, row.pending_codes_enc = self.now, None, None
         self._fire(case, "complete", actor="customer", channel="web")
         timers.cancel(self.s, case.id, self.now)
         profile = self._owner(case)
-        self.notify.email(case, "completed", to=profile.email, locale=profile.locale, account_id=profile.id)
+        self.notify.email(case, "completed", to=profile.email, locale=profile.locale, account_id=profile.id,
+                          with_cancel=False, lock_url=self.notify.lock_url(case, profile.id),
+                          lock_hold_hours=self.policy.owner_lock_hold_hours,
+                          hold_until=case.hold_until.isoformat() if case.hold_until else None)
         self.notify.chat(case, case.conversation_id, "case_completed", locale=case.locale)
         self.notify.staff(case, "completed")
         return codes
 
-    def _link_failure(self, row: LinkToken, case: Case, reason: str) -> None:
+    def _link_failure(self, row: LinkToken, case: Case) -> None:
         # Runs in the failing request's transaction, which the caller commits before showing the error.
         case.link_failures += 1
         if case.link_failures >= self.policy.link_max_password_failures:
             row.revoked_at = self.now
-            self._fire(case, "cancel", actor="system", channel="web", reason=reason)
+            self._fire(case, "cancel", actor="system", channel="web", reason="enroll_failures")
             self._closed(case, "cancelled")
 
     # ---- the cancel page --------------------------------------------------------------------------
 
-    def cancel_view(self, raw: str) -> Case:
-        return self._token(raw, "cancel")[1]
+    def cancel_view(self, raw: str) -> OwnerLinkView:
+        row, case = self._token(raw, "cancel")
+        return self._owner_view(row, case)
 
-    def cancel_by_owner(self, raw: str) -> str:
-        """Returns 'cancelled', 'already_closed' or 'disputed' (a completed case: hold and alert staff)."""
+    def cancel_by_owner(self, raw: str) -> OwnerLinkView:
+        """Cancel this link's own case, once. Returns what the page shows: `outcome` is "cancelled" when
+        this request cancelled it, "already_used" when this link acted before, and "closed" when the
+        case had already ended another way. Only "cancelled" changed anything."""
         row, case = self._token(raw, "cancel", lock=True)
-        row.used_at = row.used_at or self.now
-        others = self._cancel_other_open_cases(row.account_id, case)
-        if case.state == State.COMPLETED:
-            if case.account_id:
-                self.directory.place_hold(case.account_id, case_id=case.id, hours=24 * 7, reason="owner_dispute")
-            audit.append(self.s, case_id=case.id, event="owner_disputed", from_state=case.state,
-                         to_state=case.state, actor="owner", channel="email", reason="owner says it was not them",
-                         at=self.now)
-            self.notify.staff(case, "owner_disputed")
-            return "disputed"
+        if row.used_at is not None:
+            return self._owner_view(row, case, "already_used")
         if State(case.state) in FINAL:
-            return "cancelled" if others else "already_closed"
-        self._fire(case, "cancel", actor="owner", channel="email", reason="the account owner cancelled")
+            return self._owner_view(row, case, "closed")
+        row.used_at = self.now
+        self._fire(case, "cancel", actor="owner", channel="email", reason="owner_cancelled")
         self._closed(case, "cancelled")
-        return "cancelled"
+        return self._owner_view(row, case, "cancelled")
 
-    def _cancel_other_open_cases(self, account_id: str | None, case: Case) -> int:
-        """'It wasn't me' is about the account, not one request. A second request while a case is open
-        gets a case of its own (so the customer cannot tell), and the owner's notice for it carries that
-        case's link: cancelling there must stop the open case too, or the reset would go on."""
-        if not account_id:
-            return 0
-        ids = self.s.scalars(select(Case.id).where(Case.account_id == account_id, Case.id != case.id,
-                                                   Case.state.in_([s.value for s in OPEN]))
-                             .order_by(Case.id)).all()
-        cancelled = 0
-        for other_id in ids:
-            other = self.get(other_id, lock=True)
-            if State(other.state) in OPEN:  # it may have closed since the query
-                self._fire(other, "cancel", actor="owner", channel="email", reason="the account owner cancelled")
-                self._closed(other, "cancelled")
-                cancelled += 1
-        return cancelled
+    # ---- the lock page (completion email) ----------------------------------------------------------
+
+    def lock_view(self, raw: str) -> OwnerLinkView:
+        row, case = self._token(raw, "lock")
+        return self._owner_view(row, case, "already_used" if self._locked_at(case) else None)
+
+    def lock_by_owner(self, raw: str) -> OwnerLinkView:
+        """The owner says the completed recovery was not them: hold withdrawals and alert staff, once
+        per case, whichever of the case's lock links is used."""
+        row, case = self._token(raw, "lock", lock=True)
+        if self._locked_at(case) is not None:
+            return self._owner_view(row, case, "already_used")
+        hours = self.policy.owner_lock_hold_hours
+        if case.account_id:
+            self.directory.place_hold(case.account_id, case_id=case.id, hours=hours, reason="owner_dispute")
+        row.used_at = self.now
+        audit.append(self.s, case_id=case.id, event="owner_locked", from_state=case.state,
+                     to_state=case.state, actor="owner", channel="email", reason="owner_dispute", at=self.now)
+        self.notify.staff(case, "owner_disputed", hold_hours=hours)
+        return self._owner_view(row, case, "locked")
+
+    def _locked_at(self, case: Case):
+        return self.s.scalar(select(AuditRecord.at).where(AuditRecord.case_id == case.id,
+                                                          AuditRecord.event == "owner_locked").limit(1))
+
+    def _owner_view(self, row: LinkToken, case: Case, outcome: str | None = None) -> OwnerLinkView:
+        ended = None
+        if State(case.state) in FINAL:
+            ended = self.s.scalar(select(AuditRecord.at).where(AuditRecord.case_id == case.id,
+                                                               AuditRecord.to_state == case.state)
+                                  .order_by(AuditRecord.id.desc()).limit(1))
+        return OwnerLinkView(case_id=case.id, state=case.state, locale=case.locale, outcome=outcome,
+                             used_at=row.used_at or self._locked_at(case) if row.kind == "lock" else row.used_at,
+                             ended_at=ended, final_reason=case.final_reason,
+                             hold_until=case.hold_until, lock_hold_hours=self.policy.owner_lock_hold_hours)

@@ -52,6 +52,8 @@ class Account(Base):
     totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
     facts: Mapped[dict] = mapped_column(JSON, default=dict)
     balance_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+    # the recovery case whose confirmation set the current factor (replace_factor is idempotent per case)
+    factor_case_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class AccountEvent(Base):
@@ -99,6 +101,8 @@ class Case(Base):
     code_failures: Mapped[int] = mapped_column(Integer, default=0)
     code_sends: Mapped[int] = mapped_column(Integer, default=0)
     link_failures: Mapped[int] = mapped_column(Integer, default=0)
+    # the end of the withdrawal hold placed when the link was sent; it is never shortened
+    hold_until: Mapped[datetime | None] = ts()
     version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = ts()
     updated_at: Mapped[datetime] = ts()
@@ -142,7 +146,7 @@ class LinkToken(Base):
     __tablename__ = "link_tokens"
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    kind: Mapped[str] = mapped_column(String(16))  # enroll, cancel
+    kind: Mapped[str] = mapped_column(String(16))  # enroll, cancel, lock
     case_id: Mapped[str] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
     account_id: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = ts()
@@ -153,6 +157,8 @@ class LinkToken(Base):
     # SHA-256 of a secret kept in the browser that started the page; others holding the link are refused
     browser_hash: Mapped[str | None] = mapped_column(String(64))
     pending_secret_enc: Mapped[str | None] = mapped_column(Text)
+    # the new recovery codes (encrypted JSON list) between start and confirmation
+    pending_codes_enc: Mapped[str | None] = mapped_column(Text)
 
 
 class AuditRecord(Base):
@@ -213,7 +219,7 @@ class OutboxMessage(Base):
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
     # Encrypted: emails carry codes and links, which must never rest in plain text.
     payload_enc: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending, sent, dead
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending, sent, dead, skipped
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = ts()
     lease_until: Mapped[datetime | None] = ts()
@@ -246,6 +252,8 @@ class ChatMessage(Base):
     buttons: Mapped[list] = mapped_column(JSON, default=list)
     # the outbox key of a bot message, so a resend after a crash does not post it twice
     source_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # which message a bot line is (its template block, e.g. "code_sent"); None for the customer's lines
+    message_key: Mapped[str | None] = mapped_column(String(48))
     created_at: Mapped[datetime] = ts()
 
 

@@ -37,6 +37,18 @@ class Outgoing:
     attempt: int
 
 
+@dataclass(frozen=True)
+class Lane:
+    """A share of the outbox that one loop dispatches, so a slow receiver (an SMTP server) never
+    holds up messages of other kinds (a chat reply)."""
+    kinds: tuple[str, ...]
+    include: bool = True
+
+
+EMAIL_LANE = Lane(("email",))
+OTHER_LANE = Lane(("email",), include=False)
+
+
 class PermanentFailure(Exception):
     """The receiver refused the message for good (bad address, 4xx); retrying will not help."""
 
@@ -47,12 +59,15 @@ class Sender(Protocol):
 
 
 def enqueue(session: Session, keyring: Keyring, *, kind: str, key: str, payload: dict,
-            now: datetime) -> None:
-    """Add a message to the outbox inside the caller's transaction. A repeated key is ignored."""
+            now: datetime, status: str = "pending") -> None:
+    """Add a message to the outbox inside the caller's transaction. A repeated key is ignored.
+
+    `status="skipped"` stores a message that is never dispatched (see Notifier.email).
+    """
     if session.scalar(select(OutboxMessage.id).where(OutboxMessage.idempotency_key == key)):
         return
     session.add(OutboxMessage(kind=kind, idempotency_key=key, payload_enc=keyring.encrypt_json(payload),
-                              status="pending", attempts=0, next_attempt_at=now, created_at=now))
+                              status=status, attempts=0, next_attempt_at=now, created_at=now))
 
 
 def backoff(attempts: int) -> float:
@@ -67,13 +82,16 @@ class Dispatcher:
         self.metrics, self.max_attempts = metrics, max_attempts
         self.owner = uuid.uuid4().hex
 
-    def _lease(self, limit: int) -> list[Outgoing]:
+    def _lease(self, limit: int, lane: Lane | None) -> list[Outgoing]:
         now = self.clock.now()
         with self.db.transaction() as session:
             query = (select(OutboxMessage)
                      .where(OutboxMessage.status == "pending", OutboxMessage.next_attempt_at <= now,
                             (OutboxMessage.lease_until.is_(None)) | (OutboxMessage.lease_until < now))
                      .order_by(OutboxMessage.id).limit(limit))
+            if lane is not None:
+                query = query.where(OutboxMessage.kind.in_(lane.kinds) if lane.include
+                                    else OutboxMessage.kind.not_in(lane.kinds))
             if self.db.is_postgres:
                 query = query.with_for_update(skip_locked=True)
             rows = session.scalars(query).all()
@@ -85,9 +103,9 @@ class Dispatcher:
                                        self.keyring.decrypt_json(row.payload_enc), row.attempts))
             return leased
 
-    def run_once(self, limit: int = 50) -> int:
-        """Send what is due; returns how many messages were attempted."""
-        batch = self._lease(limit)
+    def run_once(self, limit: int = 50, lane: Lane | None = None) -> int:
+        """Send what is due (in `lane` only, when given); returns how many messages were attempted."""
+        batch = self._lease(limit, lane)
         for message in batch:
             if self._renew(message):
                 self._deliver(message)

@@ -52,6 +52,14 @@ class Policy:
     approval_expiry_hours: int = 72
     attempts_per_contact_per_hour: int = 10
     attempts_per_ip_per_hour: int = 30
+    # starting a case (typing an email address), per chat contact and per client address
+    case_starts_per_contact_per_hour: int = 3
+    case_starts_per_ip_per_hour: int = 10
+    # opening or posting enroll, cancel and lock pages, per client address, over a sliding window
+    link_lookups_per_ip: int = 30
+    link_lookup_window_minutes: int = 10
+    # the hold placed when the owner says a completed recovery was not them
+    owner_lock_hold_hours: int = 24 * 7
 
     def rule(self, level: str) -> LevelRule:
         return self.levels[level]

@@ -47,7 +47,8 @@ def queue_emails(c, keys: list[str]) -> None:
             outbox.enqueue(s, c.keyring, kind="email", key=key, now=c.clock.now(),
                            payload={"template": "verification_code", "to": f"user{i}@example.com",
                                     "locale": "en", "context": {"code": f"{100000 + i}", "minutes": 10,
-                                                                "case_id": f"RC-REL{i:05d}"}})
+                                                                "case_id": f"RC-REL{i:05d}",
+                                                                "cancel_url": "http://127.0.0.1:9/cancel/x"}})
 
 
 def outbox_rows(c) -> list[OutboxMessage]:

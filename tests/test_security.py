@@ -431,7 +431,8 @@ def test_high_risk_needs_two_people_one_from_security_and_step_up(make_container
                                                       "step_up_failed"]
 
     c.worker.drain()
-    assert factor(c, SAM_ID)[0] is True
+    before = factor(c, SAM_ID)
+    assert before[0] is True
     c.recovery.decide(case_id, approver="carol", decision="approve", step_up_code=fresh_code(c, carol))
     case = get_case(c, case_id)
     assert case.state == "approved"
@@ -439,10 +440,11 @@ def test_high_risk_needs_two_people_one_from_security_and_step_up(make_container
 
     c.clock.advance(hours=71)
     c.worker.drain()
-    assert get_case(c, case_id).state == "approved" and factor(c, SAM_ID)[0] is True  # notice window
+    assert get_case(c, case_id).state == "approved" and factor(c, SAM_ID) == before  # notice window
     c.clock.advance(hours=1, minutes=1)
     c.worker.drain()
-    assert get_case(c, case_id).state == "link_sent" and factor(c, SAM_ID)[0] is False
+    # the link is out and withdrawals are held, but the old factor stands until the new one is confirmed
+    assert get_case(c, case_id).state == "link_sent" and factor(c, SAM_ID) == before
     with c.db.transaction() as s:
         hold = EmbeddedDirectory(s, keyring=c.keyring, clock=c.clock).active_hold(SAM_ID)
         assert hold is not None and (hold.until - c.clock.now()).days >= 6
@@ -623,19 +625,24 @@ def test_owner_can_cancel_from_the_first_email_at_every_open_stage(sqlite_url, l
     assert get_case(c, awaiting).state == "cancelled" and factor(c, MEI_ID)[0] is True
 
 
-def test_owner_cancel_from_a_second_request_notice_stops_the_open_case(sqlite_url, live):
-    """When a second request for an account with an open case gets its own (decoy) notice, the owner's
-    'it wasn't me' on that notice also cancels the open case, so no reset goes ahead."""
+def test_a_refused_second_request_tells_the_owner_and_carries_the_open_cases_cancel_link(sqlite_url, live):
+    """A second request while a case is open gets the same chat reply as any start, but its owner notice
+    says what was refused and why, and carries the open case's cancel link, which stops that case only."""
     server = live(sqlite_url, worker=False, clock=manual_clock())
     c = server.container
     load_demo(c)
     real = awaiting_case(c, ALEX)
-    decoy = open_case(c, ALEX)  # someone else names the same address while the first case is open
-    notice = last_mail(c, "reset_requested", decoy)
+    refused = open_case(c, ALEX)  # someone else names the same address while the first case is open
+    assert get_case(c, refused).account_id is None  # a stand-in: it can never pass
+    assert not folder_mails(c, "reset_requested", case_id=refused)
+    assert not folder_mails(c, "verification_code", case_id=refused)
+    notice = last_mail(c, "start_refused", refused)
     assert notice["To"] == ALEX
+    text = text_part(notice)
+    assert real in text and "already in progress" in text
     assert requests.post(link_in(notice, "cancel"), timeout=10).status_code == 200
-    assert get_case(c, decoy).state == "cancelled"
     assert get_case(c, real).state == "cancelled"
+    assert get_case(c, refused).state == "verifying"  # the stand-in is another case: untouched
     assert (audit_events(c, real)[-1].event, audit_events(c, real)[-1].actor) == ("cancel", "owner")
     with pytest.raises(IllegalTransition):
         c.recovery.decide(real, approver="alice", decision="approve")
@@ -935,11 +942,12 @@ def test_no_chat_text_skips_a_check(sqlite_url, live):
     c.recovery.decide(case_id, approver="alice", decision="approve")
     c.worker.drain()
     pushing("approved")                                    # the notice window is not skipped
-    assert factor(c, ALEX_ID)[0] is True and not folder_mails(c, "enroll_link")
+    before = factor(c, ALEX_ID)
+    assert before[0] is True and not folder_mails(c, "enroll_link")
     c.clock.advance(hours=c.deps.policy.rule(case.risk_level).notice_hours, minutes=1)
     c.worker.drain()
     pushing("link_sent")                                   # nor the link
-    assert factor(c, ALEX_ID)[:2] == (False, None)
+    assert factor(c, ALEX_ID) == before                    # only the enroll page's confirmation replaces it
 
     events = [(r.event, r.actor) for r in audit_events(c, case_id)]
     assert events == [("open", "customer"), ("start_checks", "system"), ("request_approval", "system"),
@@ -978,8 +986,10 @@ def test_refused_attempts_cannot_flood_the_owner_with_notices(make_container, sq
     for _ in range(6):
         open_case(c, ALEX)
     c.worker.drain()
-    assert len(folder_mails(c, "reset_requested", to=ALEX)) == 2
+    assert len(folder_mails(c, "reset_requested", to=ALEX)) == 1
+    assert len(folder_mails(c, "start_refused", to=ALEX)) == 1
     c.clock.advance(hours=6, seconds=1)
     open_case(c, ALEX)
     c.worker.drain()
-    assert len(folder_mails(c, "reset_requested", to=ALEX)) == 3
+    assert len(folder_mails(c, "start_refused", to=ALEX)) == 2
+    assert len(folder_mails(c, "reset_requested", to=ALEX)) == 1

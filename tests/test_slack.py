@@ -689,7 +689,7 @@ def test_event_handled_before_the_card_is_saved_is_retried_not_dropped(sqlite_ur
     r.drain()
     (update_call,) = r.updates(case_id)
     assert not has_buttons(update_call["blocks"]) and "cancelled" in text_of(update_call["blocks"])
-    assert r.thread(case_id) == ["Cancelled: the account owner cancelled."]
+    assert r.thread(case_id) == ["Cancelled: the account owner cancelled from our email. The account's factor is unchanged."]
     assert {event: m.status for event, m in staff_messages(c, case_id).items()} == {
         "approval_requested": "sent", "cancelled": "sent"}
 
@@ -781,7 +781,7 @@ def test_owner_cancel_while_pending_updates_the_card_and_removes_its_buttons(sql
     r.drain()
     (update,) = r.updates(case_id)
     assert "cancelled" in text_of(update["blocks"]) and not has_buttons(update["blocks"])
-    assert r.thread(case_id) == ["Cancelled: the account owner cancelled."]
+    assert r.thread(case_id) == ["Cancelled: the account owner cancelled from our email. The account's factor is unchanged."]
 
     r.submit(view, ALICE)
     r.fake.wait_for("chat.postEphemeral")

@@ -11,7 +11,10 @@ from bot.templates import BUILTIN, LOCALES, Renderer
 ROOT = Path(__file__).parent.parent
 CTX = dict(code="123456", minutes=10, case_id="RC-TEST0001", cancel_url="http://x/cancel/t", link="http://x/enroll/t",
            notice_hours=24, hold_hours=48, reason="<b>because</b>", decoy=False, remaining=2, state="verifying",
-           fact="first_deposit_month", first=True, drift=90, outcome="cancelled", status=500, title="x")
+           fact="first_deposit_month", first=True, drift=90, outcome="cancelled", status=500, title="x",
+           requested_at="2026-12-02T01:00:00+00:00", request_channel="webchat", by_staff=False,
+           resets_at="2026-12-20T01:00:00+00:00", max_cases=3, open_case_id="RC-OPEN0001",
+           hold_until="2026-12-03T01:00:00+00:00", lock_url="http://x/lock/t", lock_hold_hours=168)
 
 
 @pytest.fixture

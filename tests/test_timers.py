@@ -135,7 +135,7 @@ def test_unfinished_identity_checks_expire_after_a_day(customer):
     assert customer.case(case_id).state == "verifying"
     assert any("expired before it was finished" in r for r in customer.later(seconds=1))
     case = customer.case(case_id)
-    assert (case.state, case.final_reason) == ("expired", "identity checks were not finished in time")
+    assert (case.state, case.final_reason) == ("expired", "checks_timeout")
     (notice,) = customer.emails("expired", email)
     assert case_id in text_part(notice) and "not finished in time" in text_part(notice)
 
@@ -152,9 +152,9 @@ def test_unanswered_approval_expires_and_never_turns_into_an_approval(customer):
     assert customer.case(case_id).state == "awaiting_approval"
     assert any("expired before it was finished" in r for r in customer.later(seconds=1))
     case = customer.case(case_id)
-    assert (case.state, case.final_reason) == ("expired", "no approver decided in time")
+    assert (case.state, case.final_reason) == ("expired", "approval_timeout")
     (notice,) = customer.emails("expired", email)
-    assert "no approver decided in time" in text_part(notice)
+    assert "no one on our team decided in time" in text_part(notice)
 
     with pytest.raises(IllegalTransition):
         customer.c.recovery.decide(case_id, approver="alice", decision="approve", channel="cli")
@@ -217,8 +217,9 @@ def test_medium_risk_link_waits_for_the_notice_window(customer):
     (mail,) = customer.emails("enroll_link", email)
     assert link_in(mail, "enroll")
     totp_enabled, hold_until = customer.account("acct-1002")
-    assert not totp_enabled, "the old factor is reset"
+    assert totp_enabled, "the old factor stays until the new one is confirmed"
     assert hold_until == customer.c.clock.now() + timedelta(hours=48)
+    assert "48 小時" in text_part(mail) and "繼續有效" in text_part(mail)  # Mei reads zh-TW
 
 
 # ---- the re-enrollment link ------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_unused_link_expires_after_sixty_minutes(customer):
     replies = customer.later(seconds=1)
     assert any("expired before it was finished" in r for r in replies)
     case = customer.case(case_id)
-    assert (case.state, case.final_reason) == ("expired", "the re-enrollment link was not used in time")
+    assert (case.state, case.final_reason) == ("expired", "link_timeout")
     (notice,) = customer.emails("expired", email)
     assert "not used in time" in text_part(notice)
     for link in (first, fresh):

@@ -27,7 +27,6 @@ from recovery import outbox
 from recovery.deps import Deps
 from recovery.dialog import Dialog, Incoming
 from recovery.models import Case, CaseDocument, Conversation, InboxEvent
-from recovery.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -136,5 +135,5 @@ class IntercomInbound:
                 received_at=now))
         case = session.get(Case, case_id) if case_id is not None else None
         if case is not None:  # the approvers see it in the card's thread (bot/slack/notifier.py)
-            Notifier(session, self.deps.keyring, self.deps.public_base_url, now).staff(
+            self.deps.notifier(session, now).staff(
                 case, "document_added", documents=len(downloads))

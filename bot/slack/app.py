@@ -44,6 +44,7 @@ class Approvals:
         self.approvers = set(container.settings.SLACK_APPROVER_IDS)
         self.security = set(container.settings.SLACK_SECURITY_APPROVER_IDS)
         self._team_id = container.settings.SLACK_TEAM_ID or None
+        self.enterprise_id = container.settings.SLACK_ENTERPRISE_ID or None
 
     # ---- who is acting ----------------------------------------------------------------------------
 
@@ -53,31 +54,44 @@ class Approvals:
         return self._team_id
 
     def refusal(self, body: dict) -> str | None:
-        user = body.get("user") or {}
-        team = (body.get("team") or {}).get("id") or user.get("team_id") or body.get("team_id")
-        if team != self.team_id():
+        """Why this request may not act, or None. Every workspace id the payload carries must be ours:
+        in a channel shared through Slack Connect, `team.id` is ours while the clicking user's
+        `user.team_id` is their own workspace's, and a listed id from another workspace is someone else."""
+        user = _dict(body.get("user"))
+        teams = [_dict(body.get("team")).get("id"), user.get("team_id"), body.get("team_id")]
+        teams = [t for t in teams if t]
+        if not teams or any(t != self.team_id() for t in teams):
             return "other_team"
-        if user.get("id", body.get("user_id")) not in self.approvers | self.security:
+        if self.enterprise_id is not None:
+            enterprise = body.get("enterprise")
+            orgs = [enterprise if isinstance(enterprise, str) else _dict(enterprise).get("id"),
+                    body.get("enterprise_id"), user.get("enterprise_id")]
+            orgs = [o for o in orgs if o]
+            if not orgs or any(o != self.enterprise_id for o in orgs):
+                return "other_team"
+        if _user_id(body) not in self.approvers | self.security:
             return "not_authorized"
         return None
 
     def _refuse(self, body: dict, reason: str, case: Case | None, channel_id: str | None, **extra) -> None:
-        user = (body.get("user") or {}).get("id") or body.get("user_id", "?")
-        team = (body.get("team") or {}).get("id") or body.get("team_id", "?")
+        user = _user_id(body) or "?"
+        team = _dict(body.get("team")).get("id") or body.get("team_id") or "?"
         if case is not None:
             with self.c.recovery.service() as svc:
                 audit.append(svc.s, case_id=case.id, event="approval_refused", from_state=case.state,
                              to_state=case.state, actor=f"slack:{team}:{user}", channel="slack", reason=reason,
                              at=svc.now)
-        if channel_id:
+        if channel_id and user != "?":
             text = self.c.renderer.block(card.TEMPLATE, "refused", dict(reason=reason, state=extra.get("state", ""),
                                                                         message=extra.get("message", "")))
             self.client.chat_postEphemeral(channel=channel_id, user=user, text=text)
 
     def case_for_message(self, body: dict) -> Case | None:
-        channel = (body.get("channel") or body.get("container") or {}).get("id") or \
-            (body.get("container") or {}).get("channel_id")
-        ts = (body.get("message") or {}).get("ts") or (body.get("container") or {}).get("message_ts")
+        container = _dict(body.get("container"))
+        channel = _dict(body.get("channel")).get("id") or container.get("channel_id")
+        ts = _dict(body.get("message")).get("ts") or container.get("message_ts")
+        if not channel or not ts:
+            return None
         with self.c.db.transaction() as s:
             row = s.scalar(select(SlackCard).where(SlackCard.channel == channel, SlackCard.message_ts == ts))
             return s.get(Case, row.case_id) if row else None
@@ -86,7 +100,7 @@ class Approvals:
 
     def on_button(self, ack, body, action):
         ack()
-        channel_id = (body.get("channel") or {}).get("id")
+        channel_id = _dict(body.get("channel")).get("id")
         case = self.case_for_message(body)
         reason = self.refusal(body)
         if reason:
@@ -95,25 +109,30 @@ class Approvals:
         if case is None:
             self._refuse(body, "unknown", None, channel_id, message="This card is not linked to a case.")
             return
-        if (body.get("user") or {}).get("id") == case.opened_by:
+        if _user_id(body) == case.opened_by:
             # refused at the click, so the initiator never gets a modal (the domain refuses a submission too)
             self._refuse(body, "initiator", case, channel_id)
             return
         if case.state != State.AWAITING_APPROVAL:
             self._refuse(body, "closed", case, channel_id, state=case.state)
             return
-        deciding = action["action_id"] == card.APPROVE
+        if not body.get("trigger_id"):
+            self._refuse(body, "unknown", case, channel_id, message="This click carried no trigger; please click again.")
+            return
+        deciding = action.get("action_id") == card.APPROVE
         self.client.views_open(trigger_id=body["trigger_id"],
                                view=self._modal(case, approve=deciding, channel_id=channel_id))
 
-    def _modal(self, case: Case, *, approve: bool, channel_id: str | None) -> dict:
+    def _modal(self, case: Case, *, approve: bool, channel_id: str | None, notice: str | None = None) -> dict:
         with self.c.db.transaction() as s:
             directory = self.c.deps.directory_for(s)
             profile = directory.get(case.account_id) if case.account_id else None
         ctx = dict(case=case, masked_email=card.mask_email(profile.email) if profile else "-")
         text = self.c.renderer.block(card.TEMPLATE, "approve_modal_text" if approve else "deny_modal_text", ctx)
         blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
-        if approve and self.c.deps.policy.rule(case.risk_level).step_up:
+        if notice:
+            blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f":warning: {notice}"}]})
+        if approve and self._needs_step_up(case):
             blocks.append({"type": "input", "block_id": "totp", "label": {"type": "plain_text",
                            "text": "Code from your own authenticator"},
                            "element": {"type": "plain_text_input", "action_id": "code", "min_length": 6,
@@ -131,6 +150,9 @@ class Approvals:
 
     # ---- modal submissions -----------------------------------------------------------------------------
 
+    def _needs_step_up(self, case: Case) -> bool:
+        return bool(case.risk_level) and self.c.deps.policy.rule(case.risk_level).step_up
+
     def on_submit(self, ack, body, view):
         case_id, _, channel_id = (view.get("private_metadata") or "").partition("|")
         values = _values(view)
@@ -138,22 +160,30 @@ class Approvals:
         if reason:
             field = next((f for f in ("totp", "reason") if f in values), None)
             ack(response_action="errors", errors={field: "You may not decide on this case."}) if field else ack()
-            with self.c.recovery.service() as svc:
-                try:
-                    case = svc.get(case_id)
-                except NotFound:
-                    return
-            self._refuse(body, reason, case, channel_id or None)
+            case = self._case_or_none(case_id)
+            if case is not None:
+                self._refuse(body, reason, case, channel_id or None)
             return
         approve = view.get("callback_id") == APPROVE_VIEW
-        user = body["user"]["id"]
+        user = _user_id(body)
         try:
             self.c.recovery.decide(
                 case_id, approver=user, decision="approve" if approve else "deny",
-                reason=None if approve else values.get("reason", {}).get("text", {}).get("value"),
-                step_up_code=values.get("totp", {}).get("code", {}).get("value"), channel="slack")
+                reason=None if approve else _value(values, "reason", "text"),
+                step_up_code=_value(values, "totp", "code"), channel="slack")
         except StepUpRequired as exc:
-            ack(response_action="errors", errors={"totp": str(exc)[:150]} if "totp" in values else {})
+            if "totp" in values:
+                ack(response_action="errors", errors={"totp": str(exc)[:150]})
+                return
+            # A modal without the code field (opened before policy asked for one, or edited): show the
+            # approver the same modal again, now with the field and the reason, inside Slack.
+            case = self._case_or_none(case_id)
+            if case is None or not approve:
+                ack()
+                self._ephemeral(channel_id, user, exc.reason, str(exc))
+                return
+            ack(response_action="update", view=self._modal(case, approve=True, channel_id=channel_id or None,
+                                                           notice=str(exc)[:150]))
             return
         except ApprovalRefused as exc:
             field = "reason" if "reason" in values else "totp" if "totp" in values else None
@@ -169,6 +199,13 @@ class Approvals:
             self._ephemeral(channel_id, user, "closed", str(exc), state=getattr(exc, "state", ""))
             return
         ack()
+
+    def _case_or_none(self, case_id: str) -> Case | None:
+        with self.c.recovery.service() as svc:
+            try:
+                return svc.get(case_id)
+            except NotFound:
+                return None
 
     def _ephemeral(self, channel_id: str, user: str, reason: str, message: str, state: str = "") -> None:
         if channel_id:
@@ -209,8 +246,24 @@ class Approvals:
             return self.c.renderer.block(card.TEMPLATE, "slash_help", {})
 
 
+def _dict(value) -> dict:
+    """A payload field that should be an object; anything else reads as empty (bot/slack/gate.py has
+    already refused bodies whose fields have the wrong type, so this is a second belt)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _user_id(body: dict) -> str | None:
+    user_id = _dict(body.get("user")).get("id") or body.get("user_id")
+    return user_id if isinstance(user_id, str) and user_id else None
+
+
 def _values(view: dict) -> dict:
-    return (view.get("state") or {}).get("values") or {}
+    return _dict(_dict(view.get("state")).get("values"))
+
+
+def _value(values: dict, block: str, action: str) -> str | None:
+    value = _dict(_dict(values.get(block)).get(action)).get("value")
+    return value if isinstance(value, str) else None
 
 
 def _age(delta: timedelta) -> str:

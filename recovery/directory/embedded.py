@@ -50,11 +50,6 @@ class EmbeddedDirectory:
         account = self.session.get(Account, account_id)
         return verify_password(account.password_hash if account else None, password)
 
-    def reset_factor(self, account_id: str, *, case_id: str) -> None:
-        account = self._account(account_id)
-        account.totp_enabled, account.totp_secret_enc, account.totp_last_step = False, None, None
-        self.session.execute(delete(RecoveryCode).where(RecoveryCode.account_id == account_id))
-
     def place_hold(self, account_id: str, *, case_id: str, hours: int, reason: str) -> None:
         now = self.clock.now()
         existing = self.session.scalar(select(WithdrawalHold).where(
@@ -67,12 +62,17 @@ class EmbeddedDirectory:
         self.session.add(WithdrawalHold(account_id=account_id, case_id=case_id, reason=reason,
                                         until=until, created_at=now))
 
-    def bind_totp(self, account_id: str, *, secret: str, step: int, recovery_code_hashes: list[str],
-                  case_id: str) -> None:
+    def replace_factor(self, account_id: str, *, secret: str, step: int, recovery_code_hashes: list[str],
+                       case_id: str) -> None:
+        # Runs in the caller's transaction, so the old factor is replaced, not removed then added: a
+        # failure anywhere rolls both back together.
         account = self._account(account_id)
+        if account.factor_case_id == case_id:
+            return  # this case already replaced it
         account.totp_secret_enc = self.keyring.encrypt(secret)
         account.totp_last_step = step
         account.totp_enabled = True
+        account.factor_case_id = case_id
         self.session.execute(delete(RecoveryCode).where(RecoveryCode.account_id == account_id))
         self.session.add_all(RecoveryCode(account_id=account_id, code_hash=h) for h in recovery_code_hashes)
 

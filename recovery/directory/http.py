@@ -7,7 +7,6 @@ secret or code, nor a response body (a backend might echo what it was sent).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from datetime import datetime, timezone
 from urllib.parse import quote, urlsplit
@@ -123,29 +122,23 @@ class HttpDirectory:
 
     # ---- changes ----------------------------------------------------------------------------------
 
-    def reset_factor(self, account_id: str, *, case_id: str) -> None:
-        status, _ = self._call("POST", self._acct(account_id) + "/2fa/reset", {"case_id": case_id},
-                               idempotency_key=self._key(case_id, "reset_factor"))
-        self._expect(status, (200, 204), "2FA reset")
-
     def place_hold(self, account_id: str, *, case_id: str, hours: int, reason: str) -> None:
         status, _ = self._call("POST", self._acct(account_id) + "/holds",
                                {"case_id": case_id, "hours": hours, "reason": reason},
                                idempotency_key=self._key(case_id, f"hold:{reason}"))
         self._expect(status, (200, 201, 204), "withdrawal hold")
 
-    def bind_totp(self, account_id: str, *, secret: str, step: int, recovery_code_hashes: list[str],
-                  case_id: str) -> None:
+    def replace_factor(self, account_id: str, *, secret: str, step: int, recovery_code_hashes: list[str],
+                       case_id: str) -> None:
         # The backend checks the exchange's logins, so it needs the secret itself (TLS in transit,
-        # encrypted at rest on its side). The key's fingerprint covers the fresh (salted) recovery
-        # code hashes, never the secret: a replay of this exact call is deduplicated, while a new
-        # attempt, which shows the customer new recovery codes, is applied rather than replayed.
-        fingerprint = hashlib.sha256("\n".join([str(step), *recovery_code_hashes]).encode()).hexdigest()
-        status, _ = self._call("POST", self._acct(account_id) + "/2fa/totp",
+        # encrypted at rest on its side). One key per case: the bot confirms a case at most once, and a
+        # retry after a timeout carries the same secret and the same recovery codes (kept encrypted on
+        # the link until the case completes), so answering it from the first call is right.
+        status, _ = self._call("POST", self._acct(account_id) + "/2fa/replace",
                                {"case_id": case_id, "secret": secret, "step": step,
                                 "recovery_code_hashes": list(recovery_code_hashes)},
-                               idempotency_key=self._key(case_id, f"bind_totp:{fingerprint[:16]}"))
-        self._expect(status, (200, 201, 204), "TOTP bind")
+                               idempotency_key=self._key(case_id, "replace_factor"))
+        self._expect(status, (200, 201, 204), "2FA factor replacement")
 
     def verify_totp(self, account_id: str, code: str, *, now: datetime) -> bool:
         status, data = self._call("POST", self._acct(account_id) + "/2fa/verify",

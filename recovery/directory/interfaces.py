@@ -3,6 +3,10 @@
 Implementations: `embedded.EmbeddedDirectory` (SQL tables, the default) and `http.HttpDirectory` (the
 exchange's backend, contract in docs/account-api.md). Both are checked against this contract by the
 same tests (tests/test_directory_contract.py).
+
+There is deliberately no operation that removes a factor: the only change to an account's second factor
+is `replace_factor`, called once the customer has confirmed a code from the new authenticator. A case
+that ends any other way leaves the old factor exactly as it was.
 """
 from __future__ import annotations
 
@@ -49,17 +53,19 @@ class AccountDirectory(Protocol):
     def verify_password(self, account_id: str, password: str) -> bool:
         """True when `password` is the account's password. Never raises for a wrong password."""
 
-    def reset_factor(self, account_id: str, *, case_id: str) -> None:
-        """Remove the account's current TOTP factor and recovery codes. Idempotent."""
-
     def place_hold(self, account_id: str, *, case_id: str, hours: int, reason: str) -> None:
-        """Block withdrawals for `hours` from now. Idempotent per case."""
+        """Block withdrawals for `hours` from now. Idempotent per (case, reason): a repeat never
+        shortens a hold nor adds a second one."""
 
-    def bind_totp(self, account_id: str, *, secret: str, step: int, recovery_code_hashes: list[str],
-                  case_id: str) -> None:
-        """Make `secret` the account's TOTP factor; `step` is the already-used time step.
+    def replace_factor(self, account_id: str, *, secret: str, step: int, recovery_code_hashes: list[str],
+                       case_id: str) -> None:
+        """In one operation, make `secret` the account's TOTP factor in place of the old one, and
+        `recovery_code_hashes` its recovery codes in place of all old ones. `step` is the time step of
+        the code the customer just confirmed (stored as used, so it cannot log in again).
 
-        The secret is stored encrypted; recovery codes arrive hashed and replace any old ones.
+        Either everything changes or nothing does: there is never a moment without a factor.
+        Idempotent per case: a repeat for the same `case_id` (a retry after a crash or timeout) changes
+        nothing more. The secret is stored encrypted.
         """
 
     def verify_totp(self, account_id: str, code: str, *, now: datetime) -> bool:
