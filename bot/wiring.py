@@ -100,8 +100,12 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
         senders["chat"].senders["intercom"] = IntercomSender(
             api=intercom_api, renderer=renderer, db=db, keyring=keyring, clock=clock,
             handover_team_id=settings.INTERCOM_HANDOVER_TEAM_ID)
+        from bot.staff import StaffDirectory
+
         intercom_inbound = IntercomInbound(api=intercom_api, deps=deps,
-                                           trust_external_id=settings.INTERCOM_IDENTITY_VERIFICATION)
+                                           trust_external_id=settings.INTERCOM_IDENTITY_VERIFICATION,
+                                           staff=StaffDirectory(mapping=settings.admin_approver_map(),
+                                                                slack_client=slack_client))
     dispatcher = Dispatcher(db, keyring=keyring, senders=senders, clock=clock, metrics=metrics)
     worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher,
                     handler=make_handler(deps, keyring, intercom=intercom_inbound), clock=clock,

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # Set true only when the Messenger enforces identity verification (user_hash / JWT). Otherwise a
     # visitor can claim any user_id, so every contact is treated as a lead.
     INTERCOM_IDENTITY_VERIFICATION: bool = False
+    # Teammates who may start a case with a `!recovery start` note, as Intercom admin id = approver id
+    # (Slack user id, or a local approver name), comma-separated. Without an entry, a teammate is found
+    # in Slack by their Intercom email (users.lookupByEmail); without either, they cannot start a case.
+    INTERCOM_ADMIN_SLACK_IDS: CommaList = ()
 
     SLACK_BOT_TOKEN: str = ""
     SLACK_SIGNING_SECRET: str = ""
@@ -78,12 +82,24 @@ class Settings(BaseSettings):
     WORKER_IDLE_SECONDS: float = Field(0.2, gt=0, le=60)
 
     @field_validator("SLACK_APPROVER_IDS", "SLACK_SECURITY_APPROVER_IDS", "LOCAL_APPROVERS",
-                     "LOCAL_SECURITY_APPROVERS", mode="before")
+                     "LOCAL_SECURITY_APPROVERS", "INTERCOM_ADMIN_SLACK_IDS", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("INTERCOM_ADMIN_SLACK_IDS")
+    @classmethod
+    def _pairs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pair in value:
+            admin, _, approver = pair.partition("=")
+            if not admin.strip() or not approver.strip():
+                raise ValueError(f"{pair!r} is not of the form INTERCOM_ADMIN_ID=APPROVER_ID")
+        return value
+
+    def admin_approver_map(self) -> dict[str, str]:
+        return {a.strip(): b.strip() for a, _, b in (p.partition("=") for p in self.INTERCOM_ADMIN_SLACK_IDS)}
 
     @field_validator("PUBLIC_BASE_URL", "INTERCOM_API_BASE", "SLACK_API_URL")
     @classmethod

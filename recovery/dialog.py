@@ -104,6 +104,42 @@ class Dialog:
         conv.updated_at = self.now
         return TurnResult(masked.text, masked.kinds)
 
+    def note(self, conv: Conversation, message: str, **context) -> None:
+        """An internal note to the support team in the conversation (channels with people only)."""
+        self.cases.notify.note(conv.key, message, key=f"{conv.key}:{self._turn}:{self._n}", **context)
+        self._n += 1
+
+    def staff_command(self, conversation_key: str, *, channel: str, verb: str, email: str | None,
+                      initiator: str | None, teammate: str, turn: str) -> None:
+        """A teammate asked the bot, in an internal note, to take the customer through a recovery.
+
+        The case records the teammate (as their approver id) as its initiator, so they can never approve
+        it. A teammate who cannot be matched to an approver id starts nothing. Nothing about the checks
+        changes: the code still goes only to the address on file, and the customer still answers.
+        """
+        self._turn, self._n = turn, 0
+        conv = self._conversation(Incoming(conversation_key=conversation_key, channel=channel, text=""))
+        conv.updated_at = self.now
+        if verb == "help":
+            self.note(conv, "staff_help")
+            return
+        if initiator is None:
+            self.note(conv, "staff_unmatched", teammate=teammate)
+            return
+        case = self._current_case(conv)
+        if case is not None and State(case.state) not in FINAL:
+            self.note(conv, "staff_case_open", case_id=case.id, state=case.state)
+            return
+        self._remember(conv, initiator=initiator)
+        conv.case_id = None
+        if email:
+            self._open(conv, email, opened_by=initiator, verified_account_id=None)
+            self.note(conv, "staff_started", initiator=initiator, case_id=conv.case_id)
+            return
+        conv.stage = "await_email"
+        self.say(conv, "staff_ask_email")
+        self.note(conv, "staff_asked_email", initiator=initiator)
+
     # ---- safety and language -------------------------------------------------------------------------
 
     def _warned(self, conv: Conversation, kinds: tuple[str, ...]) -> bool:
@@ -251,9 +287,14 @@ class Dialog:
                              per_ip=p.case_starts_per_ip_per_hour):
             self.say(conv, "rate_limited")
             return
-        case = self.cases.open(conversation_key=conv.key, channel=conv.channel, email=match.group(0),
-                               locale=conv.locale, verified_account_id=msg.verified_account_id)
+        self._open(conv, match.group(0), opened_by=(conv.data or {}).get("initiator") or "customer",
+                   verified_account_id=msg.verified_account_id)
+
+    def _open(self, conv: Conversation, email: str, *, opened_by: str, verified_account_id: str | None) -> None:
+        case = self.cases.open(conversation_key=conv.key, channel=conv.channel, email=email, locale=conv.locale,
+                               opened_by=opened_by, verified_account_id=verified_account_id)
         conv.case_id, conv.stage = case.id, "await_code"
+        self._remember(conv, initiator=None)  # a later case in this conversation is the customer's own
         # The same words whether or not the address is registered (no account enumeration).
         self.say(conv, "code_sent", "resend_code", minutes=self.deps.policy.code_ttl_minutes)
 

@@ -2,6 +2,7 @@
 and worker process sees the same counts."""
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select
@@ -26,7 +27,7 @@ def retry_after(session: Session, key: str, *, now: datetime, limit: int, window
                             .order_by(Attempt.at.desc()).limit(limit)).all()
     if len(times) < limit:
         return 1
-    return max(1, int((times[-1] + window - now).total_seconds()) + 1)
+    return max(1, math.ceil((times[-1] + window - now).total_seconds()))
 
 
 def prune(session: Session, *, now: datetime, older_than: timedelta = timedelta(days=1)) -> None:

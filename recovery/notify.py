@@ -83,6 +83,15 @@ class Notifier:
                        payload={"conversation": conversation_key, "message": message, "locale": locale,
                                 "buttons": list(buttons), "context": context})
 
+    def note(self, conversation_key: str, message: str, *, key: str, **context) -> None:
+        """An internal note in a conversation, for the support team (Intercom); channels without people
+        (the web chat) have no such thing, and the note is not written."""
+        if conversation_key.split(":", 1)[0] in self.chat_writers:
+            return
+        outbox.enqueue(self.session, self.keyring, kind="chat", key=key, now=self.now,
+                       payload={"conversation": conversation_key, "action": "note", "message": message,
+                                "context": context})
+
     def staff(self, case: Case, event: str, **context) -> None:
         outbox.enqueue(self.session, self.keyring, kind="staff", key=self._key(case, f"staff-{event}"),
                        now=self.now, payload={"case_id": case.id, "event": event, "context": context})

@@ -148,24 +148,6 @@ def test_verify_password_true_and_false(backend, directory):
 
 # ---- changes ------------------------------------------------------------------------------------
 
-def test_reset_factor_sends_case_and_idempotency_key(backend, directory):
-    """A reset posts the case id with the bearer token and an Idempotency-Key stable across retries."""
-    backend.routes[("POST", "/api/v1/accounts/acct-1001/2fa/reset")] = (204, None)
-    directory.reset_factor("acct-1001", case_id="case-9")
-    directory.reset_factor("acct-1001", case_id="case-9")
-    first, second = backend.calls
-    assert first["json"] == {"case_id": "case-9"}
-    assert first["headers"]["Authorization"] == f"Bearer {TOKEN}"
-    assert first["headers"]["Idempotency-Key"] == "recoverybot:case-9:reset_factor"
-    assert second["headers"]["Idempotency-Key"] == first["headers"]["Idempotency-Key"]
-
-
-def test_reset_factor_unknown_account_is_an_error(backend, directory):
-    """Resetting the factor of an account the backend does not know raises DirectoryError."""
-    with pytest.raises(DirectoryError, match="404"):
-        directory.reset_factor("acct-404", case_id="case-9")
-
-
 def test_place_hold_sends_hours_reason_and_key_per_reason(backend, directory):
     """A hold posts case, hours and reason, keyed per case and reason so two kinds of hold both apply."""
     backend.routes[("POST", "/api/v1/accounts/acct-1001/holds")] = (201, {"until": "2026-12-03T12:00:00Z"})
@@ -178,24 +160,31 @@ def test_place_hold_sends_hours_reason_and_key_per_reason(backend, directory):
     assert second["headers"]["Idempotency-Key"] == "recoverybot:case-9:hold:owner_dispute"
 
 
-def test_bind_totp_sends_secret_step_and_hashes(backend, directory):
-    """A bind posts secret, step and recovery-code hashes with a key that repeats for the same call only."""
-    backend.routes[("POST", "/api/v1/accounts/acct-1001/2fa/totp")] = (200, {})
+def test_replace_factor_sends_secret_step_and_hashes_keyed_per_case(backend, directory):
+    """A replacement posts secret, step and recovery-code hashes in one call, with an Idempotency-Key that
+    names the case only, so a retry for the same case is answered from the first call."""
+    backend.routes[("POST", "/api/v1/accounts/acct-1001/2fa/replace")] = (200, {})
     secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
-    directory.bind_totp("acct-1001", secret=secret, step=58_000_000, recovery_code_hashes=["h1", "h2"],
-                        case_id="case-9")
-    directory.bind_totp("acct-1001", secret=secret, step=58_000_000, recovery_code_hashes=["h1", "h2"],
-                        case_id="case-9")
-    directory.bind_totp("acct-1001", secret=secret, step=58_000_001, recovery_code_hashes=["h3", "h4"],
-                        case_id="case-9")
-    first, replay, fresh = backend.calls
+    directory.replace_factor("acct-1001", secret=secret, step=58_000_000, recovery_code_hashes=["h1", "h2"],
+                             case_id="case-9")
+    directory.replace_factor("acct-1001", secret=secret, step=58_000_001, recovery_code_hashes=["h3", "h4"],
+                             case_id="case-9")
+    directory.replace_factor("acct-1001", secret=secret, step=58_000_002, recovery_code_hashes=["h5"],
+                             case_id="case-10")
+    first, retry, other = backend.calls
     assert first["json"] == {"case_id": "case-9", "secret": secret, "step": 58_000_000,
                              "recovery_code_hashes": ["h1", "h2"]}
     assert first["headers"]["Authorization"] == f"Bearer {TOKEN}"
-    key = first["headers"]["Idempotency-Key"]
-    assert key.startswith("recoverybot:case-9:bind_totp:") and secret not in key
-    assert replay["headers"]["Idempotency-Key"] == key
-    assert fresh["headers"]["Idempotency-Key"] != key
+    assert first["headers"]["Idempotency-Key"] == "recoverybot:case-9:replace_factor"
+    assert retry["headers"]["Idempotency-Key"] == first["headers"]["Idempotency-Key"]
+    assert other["headers"]["Idempotency-Key"] == "recoverybot:case-10:replace_factor"
+
+
+def test_replace_factor_unknown_account_is_an_error(backend, directory):
+    """Replacing the factor of an account the backend does not know raises DirectoryError."""
+    with pytest.raises(DirectoryError, match="404"):
+        directory.replace_factor("acct-404", secret="JBSWY3DPEHPK3PXP", step=1, recovery_code_hashes=[],
+                                 case_id="case-9")
 
 
 # ---- TOTP check ---------------------------------------------------------------------------------
@@ -268,20 +257,20 @@ def test_timeout_is_directory_error(backend):
     backend.delay = 0.5
     directory = HttpDirectory(base_url=backend.url, token=TOKEN, timeout=0.1)
     with pytest.raises(DirectoryError, match="no answer") as caught:
-        directory.bind_totp("acct-1001", secret="JBSWY3DPEHPK3PXP", step=1, recovery_code_hashes=[],
-                            case_id="case-9")
+        directory.replace_factor("acct-1001", secret="JBSWY3DPEHPK3PXP", step=1, recovery_code_hashes=[],
+                                 case_id="case-9")
     assert TOKEN not in str(caught.value) and "JBSWY3DPEHPK3PXP" not in str(caught.value)
 
 
 def test_errors_never_carry_secrets(backend, directory):
     """No raised error message, nor the directory's repr, contains the token, password or secret."""
     backend.routes[("POST", "/api/v1/accounts/acct-1001/password/verify")] = (502, b"echo hunter2 " + TOKEN.encode())
-    backend.routes[("POST", "/api/v1/accounts/acct-1001/2fa/totp")] = (200, b"not json hunter2")
+    backend.routes[("POST", "/api/v1/accounts/acct-1001/2fa/replace")] = (200, b"not json hunter2")
     with pytest.raises(DirectoryError) as first:
         directory.verify_password("acct-1001", "hunter2")
     with pytest.raises(DirectoryError) as second:
-        directory.bind_totp("acct-1001", secret="JBSWY3DPEHPK3PXP", step=1, recovery_code_hashes=[],
-                            case_id="case-9")
+        directory.replace_factor("acct-1001", secret="JBSWY3DPEHPK3PXP", step=1, recovery_code_hashes=[],
+                                 case_id="case-9")
     for text in (str(first.value), str(second.value), repr(directory)):
         assert TOKEN not in text and "hunter2" not in text and "JBSWY3DPEHPK3PXP" not in text
 

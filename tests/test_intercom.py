@@ -168,7 +168,7 @@ def test_only_a_signed_in_user_of_that_account_passes_verified_session(sqlite_ur
     customer.ask("I lost my authenticator")
     assert "verification code" in customer.ask("alex@example.com")
     (case,) = rows(server.container, Case)
-    assert check(server.container, case.id, "verified_session") == "fail"
+    assert check(server.container, case.id, "verified_session") == "neutral"
 
 
 def test_without_identity_verification_a_user_id_proves_nothing(sqlite_url, live, api):
@@ -181,7 +181,7 @@ def test_without_identity_verification_a_user_id_proves_nothing(sqlite_url, live
     customer.ask("I lost my authenticator")
     customer.ask("alex@example.com")
     (case,) = rows(server.container, Case)
-    assert check(server.container, case.id, "verified_session") == "fail"
+    assert check(server.container, case.id, "verified_session") == "neutral"
 
 
 def test_contact_lookup_failure_counts_as_a_lead(sqlite_url, live, api):
@@ -192,7 +192,7 @@ def test_contact_lookup_failure_counts_as_a_lead(sqlite_url, live, api):
     customer.ask("I lost my authenticator")
     customer.ask("alex@example.com")
     (case,) = rows(server.container, Case)
-    assert check(server.container, case.id, "verified_session") == "fail"
+    assert check(server.container, case.id, "verified_session") == "neutral"
 
 
 def test_forged_signatures_are_refused_and_change_nothing(sqlite_url, live, api):

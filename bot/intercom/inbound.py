@@ -44,17 +44,25 @@ class Prepared(NamedTuple):
     contact: Contact | None
     downloads: list[Download]
     refused: int
+    command: parse.StaffCommand | None = None
+    initiator: str | None = None      # the approver id of the teammate who wrote the command
 
 
 class IntercomInbound:
     def __init__(self, *, api: IntercomApi, deps: Deps, max_attachment_bytes: int = MAX_ATTACHMENT_BYTES,
-                 trust_external_id: bool = False):
+                 trust_external_id: bool = False, staff=None):
         self.api, self.deps, self.max_attachment_bytes = api, deps, max_attachment_bytes
+        self.staff = staff  # bot.staff.StaffDirectory: a teammate's approver id
         # Only under Intercom's identity verification is a contact's external_id proof of a login.
         self.trust_external_id = trust_external_id
 
     def prepare(self, payload: dict) -> Prepared:
-        message = parse.customer_message(json.loads(self.deps.keyring.decrypt(payload["event_enc"])))
+        event = json.loads(self.deps.keyring.decrypt(payload["event_enc"]))
+        command = parse.staff_command(event)
+        if command is not None:
+            initiator = self.staff.approver_id(command.admin_id, command.admin_email) if self.staff else None
+            return Prepared(None, None, [], 0, command, initiator)
+        message = parse.customer_message(event)
         if message is None:
             return Prepared(None, None, [], 0)
         return Prepared(message, self._contact(message.contact_id), *self._download(message.attachments))
@@ -62,8 +70,14 @@ class IntercomInbound:
     def handle(self, session: Session, event: InboxEvent, prepared: Prepared | None = None) -> None:
         payload = event.payload
         prepared = prepared or self.prepare(payload)
-        message, contact, downloads, refused = prepared
+        message, contact, downloads, refused, command, initiator = prepared
         kept = {k: v for k, v in payload.items() if k != "event_enc"}
+        if command is not None:
+            Dialog(session, self.deps).staff_command(
+                command.conversation_key, channel="intercom", verb=command.verb, email=command.email,
+                initiator=initiator, teammate=command.admin_id, turn=str(event.id))
+            event.payload = kept | {"staff_command": command.verb, "admin_id": command.admin_id}
+            return
         if message is None:  # stored by an older version whose rules differed
             event.payload = kept | {"ignored": True}
             return

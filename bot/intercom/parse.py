@@ -18,7 +18,11 @@ from html import unescape
 from html.parser import HTMLParser
 
 CREATED, REPLIED = "conversation.user.created", "conversation.user.replied"
+NOTED = "conversation.admin.noted"
 HANDLED_TOPICS = (CREATED, REPLIED)
+# A teammate's internal note that starts a recovery for the customer: "!recovery start [email]".
+STAFF_COMMAND = re.compile(r"^\s*!recovery\s+(start|help)\b\s*(.*)$", re.I | re.S)
+EMAIL = re.compile(r"[^@\s<>(),;:]+@[^@\s<>(),;:]+\.[A-Za-z]{2,}")
 CUSTOMER_AUTHORS = ("user", "lead")
 # Intercom ids are digits, hex or "notif_<uuid>". Anything else is refused, because ids end up in API
 # paths (`contacts/{id}`), where "../" would point the SDK somewhere else.
@@ -59,6 +63,52 @@ class Message:
     def delivery_key(self) -> str:
         """Notification id plus part id: a redelivered notification maps to the same key."""
         return f"intercom:{self.notification_id or '-'}:{self.part_id}"
+
+
+@dataclass(frozen=True)
+class StaffCommand:
+    """A teammate's `!recovery start [email]` note: who wrote it and where."""
+    notification_id: str | None
+    conversation_id: str
+    part_id: str
+    admin_id: str
+    admin_email: str | None
+    verb: str              # "start" or "help"
+    email: str | None      # the account address the teammate named, if any
+
+    @property
+    def conversation_key(self) -> str:
+        return f"intercom:{self.conversation_id}"
+
+    @property
+    def delivery_key(self) -> str:
+        return f"intercom:{self.notification_id or '-'}:{self.part_id}"
+
+
+def staff_command(event: object) -> StaffCommand | None:
+    """The newest note in a `conversation.admin.noted` event, when it is a `!recovery` command written by
+    an admin; None for anything else (other notes are for people, not the bot)."""
+    if not isinstance(event, dict) or event.get("topic") != NOTED:
+        return None
+    item = _dict(_dict(event.get("data")).get("item"))
+    conversation_id = _id(item.get("id"))
+    parts = _dict(item.get("conversation_parts")).get("conversation_parts")
+    notes = [p for p in parts if isinstance(p, dict) and p.get("part_type") == "note"
+             and _author_type(p) == "admin"] if isinstance(parts, list) else []
+    if conversation_id is None or not notes:
+        return None
+    note = notes[-1]
+    author, part_id = _dict(note.get("author")), _id(note.get("id"))
+    admin_id = _id(author.get("id"))
+    body = note.get("body")
+    match = STAFF_COMMAND.match(html_to_text(body)) if isinstance(body, str) else None
+    if part_id is None or admin_id is None or match is None:
+        return None
+    email = EMAIL.search(match.group(2) or "")
+    admin_email = author.get("email") if isinstance(author.get("email"), str) and "@" in author["email"] else None
+    return StaffCommand(notification_id=_id(event.get("id")), conversation_id=conversation_id, part_id=part_id,
+                        admin_id=admin_id, admin_email=admin_email[:320] if admin_email else None,
+                        verb=match.group(1).lower(), email=email.group(0)[:320] if email else None)
 
 
 def customer_message(event: object) -> Message | None:

@@ -47,7 +47,7 @@ class IntercomSender:
                 self._queue_handover_steps(message)
             self.api.reply(conversation_id, html=to_html(text), buttons=buttons)
         elif action == "note":
-            note = self._render(self.renderer.chat, NOTE_BLOCK, NOTE_LOCALE, p.get("context") or {})
+            note = self._render(self.renderer.chat, p.get("message") or NOTE_BLOCK, NOTE_LOCALE, p.get("context") or {})
             self.api.note(conversation_id, html=to_html(note))
         elif action == "assign":
             self.api.assign_to_team(conversation_id, p["team_id"])

@@ -3,7 +3,8 @@
 The route verifies the signature, stores the event in the inbox and answers at once; the worker does
 the rest (bot/intercom/inbound.py). Answers:
 
-- 200 `stored` / `duplicate`: a customer message, kept once per notification id + part id.
+- 200 `stored` / `duplicate`: a customer message, or a teammate's `!recovery start` note
+  (`conversation.admin.noted`), kept once per notification id + part id.
 - 200 `ignored`: another topic, or nothing the customer wrote (an admin's part, our own reply echoed).
 - 200 `pong`: the `ping` topic Intercom sends when the webhook is set up; nothing is stored.
 - 401: a missing or wrong `X-Hub-Signature`. 400: a signed body that is not a JSON object.
@@ -67,13 +68,14 @@ def receive():
     if event.get("topic") == "ping":
         c.metrics.inbox(SOURCE, "ping")
         return jsonify(status="pong")
-    message = parse.customer_message(event)
-    if message is None:
+    message = parse.customer_message(event) or parse.staff_command(event)
+    if message is None or (isinstance(message, parse.StaffCommand)
+                           and message.admin_id == c.settings.INTERCOM_ADMIN_ID):
         c.metrics.inbox(SOURCE, "ignored")
         return jsonify(status="ignored")
     stored = inbox.store(c.db, source=SOURCE, delivery_key=message.delivery_key,
                          conversation_key=message.conversation_key, now=c.clock.now(),
-                         payload={"topic": message.topic, "conversation_id": message.conversation_id,
+                         payload={"topic": event.get("topic"), "conversation_id": message.conversation_id,
                                   "part_id": message.part_id,
                                   # the event holds the customer's words: encrypted until processed
                                   "event_enc": c.keyring.encrypt(_as_text(raw, event))})

@@ -55,10 +55,34 @@ def check(raw: bytes, headers, *, signing_secret: str) -> tuple[BoltRequest | No
     return request, None
 
 
+HANDLED_INTERACTIONS = ("block_actions", "view_submission", "view_closed")
+
+
 def shape_problem(body) -> str | None:
-    """What is wrong with a parsed body, or None. Checks only fields that code downstream reads."""
+    """What is wrong with a parsed body, or None. Only the kinds of request this app handles pass (button
+    clicks, modal submissions, the slash command, Slack's URL check), with every field that Bolt's matchers
+    or our listeners read present and of the right type."""
     if not isinstance(body, dict):
         return "the body must be a JSON object or a form"
+    kind = body.get("type")
+    if "command" in body:
+        if not isinstance(body["command"], str) or not isinstance(body.get("user_id"), str):
+            return "a slash command needs string command and user_id"
+    elif kind == "url_verification":
+        if not isinstance(body.get("challenge"), str):
+            return "url_verification needs a string challenge"
+    elif kind not in HANDLED_INTERACTIONS:
+        return f"this app does not handle requests of type {str(kind)[:40]!r}"
+    elif kind == "block_actions":
+        actions = body.get("actions")
+        if not isinstance(actions, list) or not actions or not all(
+                isinstance(a, dict) and isinstance(a.get("action_id"), str) for a in actions):
+            return "block_actions needs a non-empty list of actions with string action_id"
+    elif not isinstance(body.get("view"), dict) or not isinstance(body["view"].get("callback_id"), str) \
+            or not isinstance(body["view"].get("type"), str):
+        return f"{kind} needs a view with string callback_id and type"
+    if kind in HANDLED_INTERACTIONS and not isinstance(body.get("user"), dict):
+        return "an interaction needs a user object"
     for name in STR_FIELDS:
         if name in body and not isinstance(body[name], str):
             return f"{name} must be a string"
