@@ -71,6 +71,18 @@ def admin_echo(text: str, *, conversation: str, part: str, admin_id: str = ADMIN
     return event
 
 
+def admin_note(text: str, *, conversation: str, part: str, admin_id: str = OTHER_ADMIN_ID,
+               admin_email: str = "agent@exchange.test") -> dict:
+    """A teammate's internal note (`conversation.admin.noted`), as Intercom sends it."""
+    event = admin_echo(text, conversation=conversation, part=part, admin_id=admin_id,
+                       topic="conversation.admin.noted")
+    event["id"] = f"notif_note_{conversation}_{part}"
+    noted = event["data"]["item"]["conversation_parts"]["conversation_parts"][0]
+    noted["part_type"] = "note"
+    noted["author"].update(email=admin_email, name="Agent")
+    return event
+
+
 @dataclass
 class Call:
     method: str

@@ -27,6 +27,7 @@ class FakeSlack:
         self.fail_next: list[tuple[int, dict]] = []  # (status, headers) to answer before succeeding
         self.uploads: dict[str, bytes] = {}  # file id -> the bytes POSTed to its upload_url
         self.gates: dict[str, threading.Event] = {}  # method -> answered only once the event is set
+        self.users: dict[str, str] = {}  # email -> user id, for users.lookupByEmail
         self._ts = 1700000000
         self._files = 0
         fake = self
@@ -96,6 +97,10 @@ class FakeSlack:
                 self._ts += 1
                 ts = f"{self._ts}.000100"
             return {"ok": True, "channel": args.get("channel"), "ts": ts, "message": {"ts": ts}}
+        if method == "users.lookupByEmail":
+            user_id = self.users.get(args.get("email", ""))
+            return {"ok": True, "user": {"id": user_id, "team_id": TEAM}} if user_id else \
+                {"ok": False, "error": "users_not_found"}
         if method == "chat.update":
             return {"ok": True, "channel": args.get("channel"), "ts": args.get("ts")}
         if method == "files.getUploadURLExternal":
