@@ -22,7 +22,7 @@ def build_message(renderer: Renderer, mail_from: str, message: Outgoing) -> Emai
     subject, text, html = renderer.email(p["template"], p["locale"], p["context"])
     msg = EmailMessage()
     msg["From"] = mail_from
-    msg["To"] = p["to"]
+    msg["To"] = p["to"] or "undisclosed-recipients:;"
     msg["Subject"] = subject
     msg["Date"] = formatdate(localtime=False, usegmt=True)
     domain = mail_from.rsplit("@", 1)[-1].strip(">") or "localhost"
@@ -47,6 +47,9 @@ class SmtpMailer:
 
     def send(self, message: Outgoing) -> None:
         msg = build_message(self.renderer, self.mail_from, message)
+        if message.payload.get("suppress"):
+            bytes(msg)  # a stand-in's message: built and encoded like a real one (same work), sent to no one
+            return
         smtp_cls = smtplib.SMTP_SSL if self.secure else smtplib.SMTP
         kwargs = {"context": ssl.create_default_context()} if self.secure else {}
         try:
@@ -75,6 +78,9 @@ class FolderMailer:
 
     def send(self, message: Outgoing) -> None:
         msg = build_message(self.renderer, self.mail_from, message)
+        if message.payload.get("suppress"):
+            bytes(msg)  # a stand-in's message: built and encoded like a real one (same work), sent to no one
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"{message.id:08d}-{message.payload['template']}.eml"
         tmp = self.folder / (name + ".tmp")

@@ -116,7 +116,7 @@ def list_messages(session_id: str):
         raise ApiError(400, "bad_after", "after must be a non-negative whole number (a seq)")
     if not SESSION_ID.fullmatch(session_id):
         raise ApiError(404, "unknown_session", "no chat session with that id")
-    with c.db.transaction() as s:
+    with c.db.reading() as s:
         if s.get(ChatSession, session_id) is None:
             raise ApiError(404, "unknown_session", "no chat session with that id")
         rows = s.scalars(select(ChatMessage).where(ChatMessage.session_id == session_id,

@@ -22,11 +22,10 @@ from recovery.deps import Deps
 from recovery.errors import IllegalTransition, LimitReached
 from recovery.machine import FINAL, OPEN, State
 from recovery.models import Case, Conversation
-from recovery.redact import CODE, MASKS, redact
+from recovery.redact import CODE, EMAIL, MASKS, redact
 
 log = logging.getLogger(__name__)
 
-EMAIL = re.compile(r"[^@\s<>(),;:]+@[^@\s<>(),;:]+\.[A-Za-z]{2,}")
 CJK = re.compile(r"[\u3400-\u9fff]")
 LATIN_WORD = re.compile(r"[A-Za-z]{2,}")
 RESEND = re.compile(r"resend|again|重寄|重新|再寄", re.I)

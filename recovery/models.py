@@ -219,7 +219,7 @@ class OutboxMessage(Base):
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
     # Encrypted: emails carry codes and links, which must never rest in plain text.
     payload_enc: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending, sent, dead, skipped
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending, sent, dead
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = ts()
     lease_until: Mapped[datetime | None] = ts()

@@ -58,15 +58,16 @@ class Notifier:
               with_cancel: bool = True, send: bool = True, **context) -> None:
         """Queue a templated email to the account's registered address (never one typed in chat).
 
-        `send=False` writes the message (the same work, so timing tells nothing) but never sends it:
-        a stand-in case has no one to write to.
+        `send=False` makes a message that goes through every step of a real one (queued, dispatched,
+        rendered) except the last: the mailer drops it instead of sending it. A stand-in case has no one
+        to write to, and doing the same work as a real start keeps reply times from telling them apart.
         """
         context = dict(context, case_id=case.id)
         if with_cancel:
             context["cancel_url"] = self.cancel_url(case, account_id)
         outbox.enqueue(self.session, self.keyring, kind="email", key=self._key(case, f"email-{template}"),
-                       now=self.now, status="pending" if send else "skipped",
-                       payload={"template": template, "to": to, "locale": locale, "context": context})
+                       now=self.now, payload={"template": template, "to": to, "locale": locale,
+                                              "context": context, "suppress": not send})
 
     def chat(self, case: Case | None, conversation_key: str, message: str, *, locale: str,
              buttons: tuple[str, ...] = (), key: str | None = None, **context) -> None:

@@ -59,15 +59,12 @@ class Sender(Protocol):
 
 
 def enqueue(session: Session, keyring: Keyring, *, kind: str, key: str, payload: dict,
-            now: datetime, status: str = "pending") -> None:
-    """Add a message to the outbox inside the caller's transaction. A repeated key is ignored.
-
-    `status="skipped"` stores a message that is never dispatched (see Notifier.email).
-    """
+            now: datetime) -> None:
+    """Add a message to the outbox inside the caller's transaction. A repeated key is ignored."""
     if session.scalar(select(OutboxMessage.id).where(OutboxMessage.idempotency_key == key)):
         return
     session.add(OutboxMessage(kind=kind, idempotency_key=key, payload_enc=keyring.encrypt_json(payload),
-                              status=status, attempts=0, next_attempt_at=now, created_at=now))
+                              status="pending", attempts=0, next_attempt_at=now, created_at=now))
 
 
 def backoff(attempts: int) -> float:

@@ -48,6 +48,7 @@ PHRASE_CUE = re.compile(r"seed|mnemonic|recovery (?:phrase|words)|secret (?:phra
 # A token of a phrase: letters (Latin, CJK, Hangul, Cyrillic...), separated by anything else such as
 # spaces, commas, line breaks or list numbers ("1. abandon 2. ability").
 WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+EMAIL = re.compile(r"[^@\s<>(),;:]+@[^@\s<>(),;:]+\.[A-Za-z]{2,}")
 
 
 class Redaction(NamedTuple):
@@ -125,10 +126,22 @@ def redact(text: str) -> Redaction:
     text = PASSWORD.sub(lambda m: _mask_password(m, passwords), text)
     if passwords:
         found.append("password")
-    text, n = CODE.subn(CODE_MASK, text)
+    text, n = _codes_outside_emails(text)
     if n:
         found.append("code")
     return Redaction(text, tuple(found))
+
+
+def _codes_outside_emails(text: str) -> tuple[str, int]:
+    """Mask six-digit codes, but not digits that are part of an email address (123456@example.com is
+    someone's address, typed when the bot asked for it, not a code)."""
+    out, count, last = [], 0, 0
+    for email in EMAIL.finditer(text):
+        masked, n = CODE.subn(CODE_MASK, text[last:email.start()])
+        out += [masked, email.group(0)]
+        count, last = count + n, email.end()
+    masked, n = CODE.subn(CODE_MASK, text[last:])
+    return "".join(out) + masked, count + n
 
 
 def _mask_password(m: re.Match, masked: list) -> str:
