@@ -31,10 +31,10 @@ def edited(body: str, edit) -> str:
     return interaction(payload)
 
 
-def test_a_listed_user_from_another_workspace_in_a_shared_channel_is_refused(sqlite_url, rig):
+def test_a_listed_user_from_another_workspace_in_a_shared_channel_is_refused(any_db_url, rig):
     """In a Slack Connect channel `team.id` is ours but the clicking user's `user.team_id` is theirs: an
     approver's id from there gets no modal, their forged submission changes nothing, and both are audited."""
-    r = rig(sqlite_url)
+    r = rig(any_db_url)
     case_id = awaiting_case(r.c, ALEX)
     view = r.modal(case_id, ALICE)
     before = snapshot(r.c, case_id)
@@ -50,10 +50,10 @@ def test_a_listed_user_from_another_workspace_in_a_shared_channel_is_refused(sql
     assert all("exchange's own workspace" in t for t in r.ephemerals(BOB))
 
 
-def test_with_an_enterprise_id_set_other_or_missing_organisations_are_refused(sqlite_url, rig):
+def test_with_an_enterprise_id_set_other_or_missing_organisations_are_refused(any_db_url, rig):
     """With SLACK_ENTERPRISE_ID set, a click that names another organisation, or none, is refused; one that
     names ours opens the modal."""
-    r = rig(sqlite_url, SLACK_ENTERPRISE_ID=ENTERPRISE)
+    r = rig(any_db_url, SLACK_ENTERPRISE_ID=ENTERPRISE)
     case_id = awaiting_case(r.c, ALEX)
     channel, ts = r.card(case_id)
     base = button_click("approve_case", case_id=case_id, channel=channel, message_ts=ts, user=ALICE)
@@ -68,10 +68,10 @@ def test_with_an_enterprise_id_set_other_or_missing_organisations_are_refused(sq
     assert [reason for _, reason in refusals(r.c, case_id)] == ["other_team"] * 3
 
 
-def test_a_step_up_modal_without_its_code_field_is_answered_inside_the_modal(sqlite_url, rig):
+def test_a_step_up_modal_without_its_code_field_is_answered_inside_the_modal(any_db_url, rig):
     """A submission for a case that needs step-up but carries no code field gets the modal back, now with the
     field and the reason, as a modal update (not Slack's generic error); nothing changes."""
-    r = rig(sqlite_url, RISK_POLICY='{"levels": {"low": {"step_up": true}}}')
+    r = rig(any_db_url, RISK_POLICY='{"levels": {"low": {"step_up": true}}}')
     case_id = awaiting_case(r.c, ALEX)
     enroll_approver(r.c, ALICE)
     view = r.modal(case_id, ALICE)
@@ -87,9 +87,9 @@ def test_a_step_up_modal_without_its_code_field_is_answered_inside_the_modal(sql
     assert snapshot(r.c, case_id) == before
 
 
-def test_a_signed_form_sent_as_json_is_a_bad_request_that_changes_nothing(sqlite_url, rig):
+def test_a_signed_form_sent_as_json_is_a_bad_request_that_changes_nothing(any_db_url, rig):
     """A correctly signed form body labelled application/json gets 400 with a reason, not a 500."""
-    r = rig(sqlite_url)
+    r = rig(any_db_url)
     case_id = awaiting_case(r.c, ALEX)
     body = submission(r.modal(case_id, ALICE), user=ALICE)
     before = snapshot(r.c, case_id)

@@ -39,11 +39,11 @@ def case_of(c, conversation: str) -> Case | None:
         return s.get(Case, conv.case_id) if conv and conv.case_id else None
 
 
-def test_a_teammate_who_starts_a_case_is_its_initiator_and_is_refused_in_slack(sqlite_url, rig, intercom):
+def test_a_teammate_who_starts_a_case_is_its_initiator_and_is_refused_in_slack(any_db_url, rig, intercom):
     """`!recovery start` makes the bot ask the customer for their email; the case records the teammate, found
     in Slack by their Intercom email, as initiator. Their Approve click and a forged submission are refused
     and audited, and another approver decides."""
-    r = rig(sqlite_url, **settings_for(intercom))
+    r = rig(any_db_url, **settings_for(intercom))
     r.fake.users[AGENT_EMAIL] = ALICE
     conversation = "147000000501"
     customer = Customer(r.server, intercom, conversation)
