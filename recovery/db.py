@@ -13,8 +13,9 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MIGRATIONS = PROJECT_ROOT / "migrations"
+# The Alembic scripts ship inside this package; Alembic resolves "package:folder" through
+# importlib.resources, so an installed wheel migrates as well as a source checkout.
+MIGRATIONS = "recovery:migrations"
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -76,7 +77,7 @@ def alembic_config(url: str):
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("script_location", MIGRATIONS)
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models. The schema itself is owned by the Alembic migrations in `migrations/`."""
+"""SQLAlchemy 2 models. The schema itself is owned by the Alembic migrations in `recovery/migrations/`."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
