@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
-from recovery import inbox, limits
+from bot.logs import unit_of_work
+from recovery import heartbeats, inbox, limits
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +19,10 @@ class Worker:
         self.stop_event = threading.Event()
         self.wake_event = threading.Event()
         self._pruned_at = None
+        self.worker_id = heartbeats.new_worker_id()
+        self.started_at = clock.now()
+        self._beat_at = None
+        self.last_pass = None  # time.monotonic() of the last finished pass, for the worker's /healthz
 
     def wake(self) -> None:
         """Called by a route that stored an event in this process (`recoverybot serve`), so the
@@ -24,8 +30,13 @@ class Worker:
         self.wake_event.set()
 
     def _housekeeping(self) -> None:
-        """Attempt counters older than a day can limit nothing; drop them now and then."""
+        """Say this worker is alive, now and then; and drop attempt counters older than a day, which
+        can limit nothing."""
         now = self.clock.now()
+        if self._beat_at is None or now - self._beat_at >= heartbeats.INTERVAL:
+            with self.db.transaction() as session:
+                heartbeats.beat(session, self.worker_id, now=now, started_at=self.started_at)
+            self._beat_at = now
         if self._pruned_at is None or now - self._pruned_at >= timedelta(minutes=10):
             with self.db.transaction() as session:
                 limits.prune(session, now=now)
@@ -38,15 +49,19 @@ class Worker:
         """
         done = 0
         for _ in range(inbox_batch):
-            if not inbox.process_one(self.db, self.handler, self.clock.now):
-                break
+            with unit_of_work():
+                if not inbox.process_one(self.db, self.handler, self.clock.now):
+                    break
             done += 1
         for _ in range(batch):
-            if not self.recovery.fire_due_timer():
-                break
+            with unit_of_work():
+                if not self.recovery.fire_due_timer():
+                    break
             done += 1
-        done += self.dispatcher.run_once(batch)
+        with unit_of_work():
+            done += self.dispatcher.run_once(batch)
         self._housekeeping()
+        self.last_pass = time.monotonic()
         return done
 
     def drain(self, max_passes: int = 100) -> int:
@@ -72,6 +87,10 @@ class Worker:
                 self.wake_event.wait(self.idle_sleep)
                 self.wake_event.clear()
         log.info("worker stopped")
+
+    def healthy(self, within: float = 60.0) -> bool:
+        """Whether the loop finished a pass lately (a pass stuck on a hung call is not healthy)."""
+        return self.last_pass is not None and time.monotonic() - self.last_pass < within
 
     def stop(self) -> None:
         self.stop_event.set()

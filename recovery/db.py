@@ -6,6 +6,7 @@ same "one decision under concurrent clicks" guarantee that row locks give on Pos
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Iterator
 
@@ -66,6 +67,13 @@ class Database:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
+    def revision(self) -> str | None:
+        """The schema revision the database is at (None before the first upgrade)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
     def upgrade(self) -> None:
         upgrade(self.url)
 
@@ -87,6 +95,14 @@ def upgrade(url: str) -> None:
     from alembic import command
 
     command.upgrade(alembic_config(url), "head")
+
+
+@cache
+def head_revision() -> str:
+    """The newest revision the shipped migrations define: what this code expects."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
 def current_revision(url: str) -> str | None:
