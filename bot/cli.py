@@ -470,3 +470,30 @@ def outbox_retry(message_id, all_):
     if n == 0:
         raise click.ClickException("no dead message with that id")
     click.echo(f"{n} message(s) queued again")
+
+
+# ---- report --------------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--days", type=click.IntRange(1, 3660), default=14, show_default=True,
+              help="Cases opened in the last N days.")
+@click.option("--svg", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the report as an SVG chart.")
+def report(days, svg):
+    """The funnel, where cases stopped, time to decision and to completion, and the queues now."""
+    from datetime import timedelta
+
+    from bot import report as reportmod
+    from recovery import stats
+
+    c = _container()
+    now = c.clock.now()
+    with c.db.transaction() as s:
+        data = stats.report(s, since=now - timedelta(days=days), until=now)
+        queues = stats.queues(s, now)
+    click.echo(reportmod.text(data, queues, now), nl=False)
+    if svg:
+        try:
+            svg.write_text(reportmod.svg(data, queues, now, title=c.settings.BRAND_NAME), encoding="utf-8")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {svg}: {exc}") from None
+        click.echo(f"chart written to {svg}")
