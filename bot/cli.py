@@ -487,7 +487,7 @@ def report(days, svg):
 
     c = _container()
     now = c.clock.now()
-    with c.db.transaction() as s:
+    with c.db.reading() as s:
         data = stats.report(s, since=now - timedelta(days=days), until=now)
         queues = stats.queues(s, now)
     click.echo(reportmod.text(data, queues, now), nl=False)

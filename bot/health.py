@@ -21,7 +21,7 @@ def readiness(container) -> tuple[bool, dict[str, str]]:
     checks["schema"] = "ok"
     now = container.clock.now()
     try:
-        with container.db.transaction() as session:
+        with container.db.reading() as session:
             last = heartbeats.latest(session)
     except Exception as exc:  # noqa: BLE001
         return False, checks | {"worker": f"cannot read heartbeats ({type(exc).__name__})"}

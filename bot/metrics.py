@@ -92,14 +92,22 @@ class Metrics:
 
 
 class DatabaseCollector:
-    """Metrics read from the database (see recovery/stats.py), at most once per `ttl` seconds."""
+    """Metrics read from the database (see recovery/stats.py), at most once per `ttl` seconds.
 
-    def __init__(self, db, clock, *, ttl: float = 5.0):
-        self.db, self.clock, self.ttl = db, clock, ttl
+    The first tally of the audit log reads all of it (seconds for a million records), so with
+    `background` it runs on a thread of its own: until it is done, scrapes get the queues but no totals,
+    rather than totals that would look like a counter reset. Afterwards each read folds in only the
+    records added since. Reads take no write lock (Database.reading).
+    """
+
+    def __init__(self, db, clock, *, ttl: float = 5.0, background: bool = False):
+        self.db, self.clock, self.ttl, self.background = db, clock, ttl, background
         self.tally = stats.AuditTally()
         self._lock = threading.Lock()
         self._cached: list | None = None
         self._cached_at = 0.0
+        self._caught_up = threading.Event()
+        self._catching_up: threading.Thread | None = None
 
     def describe(self):
         return []  # names are only known by reading; this keeps registries from reading at register time
@@ -111,18 +119,40 @@ class DatabaseCollector:
                 self._cached_at = time.monotonic()
             return list(self._cached)
 
+    def _catch_up(self) -> None:
+        try:
+            with self.db.reading() as session:
+                self.tally.update(session)
+            self._caught_up.set()
+        except Exception as exc:  # noqa: BLE001 - the next scrape tries again
+            log.warning("metrics: cannot tally the audit log: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._catching_up = None
+
     def _read(self) -> list:
         started = time.perf_counter()
         now = self.clock.now()
+        if not self._caught_up.is_set():
+            if not self.background:
+                self._catch_up()
+            elif self._catching_up is None:
+                self._catching_up = threading.Thread(target=self._catch_up, name="metrics-tally", daemon=True)
+                self._catching_up.start()
         try:
-            with self.db.transaction() as session:
-                self.tally.update(session)
+            with self.db.reading() as session:
+                if self._caught_up.is_set():
+                    self.tally.update(session)
                 queues = stats.queues(session, now)
         except Exception as exc:  # noqa: BLE001 - a scrape reports the outage instead of failing
             log.warning("metrics: cannot read the database: %s: %s", type(exc).__name__, exc)
             return [_gauge("recoverybot_database_up", "1 when the last read of the database worked", 0)]
-        families = _queue_families(queues, now) + _tally_families(self.tally)
+        families = _queue_families(queues, now)
+        if self._caught_up.is_set():
+            families += _tally_families(self.tally)
         families.append(_gauge("recoverybot_database_up", "1 when the last read of the database worked", 1))
+        families.append(_gauge("recoverybot_database_totals_ready",
+                               "1 once the audit log has been tallied (totals are left out until then)",
+                               1 if self._caught_up.is_set() else 0))
         families.append(_gauge("recoverybot_database_read_seconds",
                                "How long the last read of these metrics from the database took",
                                time.perf_counter() - started))

@@ -1,5 +1,4 @@
-"""The Flask app: the HTTP routes (listed in the README and docs/operations.md), security headers and
-error handling."""
+"""The Flask app: the HTTP routes (listed in docs/operations.md), security headers and error handling."""
 from __future__ import annotations
 
 import logging

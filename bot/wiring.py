@@ -114,7 +114,7 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
     worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher, handler=handler, clock=clock,
                     idle_sleep=settings.WORKER_IDLE_SECONDS)
     container = Container(settings=settings, clock=clock, db=db, keyring=keyring, renderer=renderer,
-                          metrics=metrics, db_metrics=DatabaseCollector(db, clock), deps=deps,
+                          metrics=metrics, db_metrics=DatabaseCollector(db, clock, background=True), deps=deps,
                           recovery=recovery, dispatcher=dispatcher, worker=worker, senders=senders)
     if intercom_inbound is not None:
         container.closables.append(intercom_api)

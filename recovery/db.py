@@ -19,6 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = "recovery:migrations"
 
 
+READ_ONLY = "recoverybot_read_only"
+
+
 def make_engine(url: str, **kwargs) -> Engine:
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and ":memory:" not in url:
@@ -36,7 +39,8 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Readers (Database.reading) take no write lock: under WAL they never block a writer.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)  # survives a PostgreSQL restart without a manual step
@@ -52,6 +56,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url, **engine_kwargs)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.readers = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
     @property
     def is_postgres(self) -> bool:
@@ -63,6 +68,17 @@ class Database:
             with session.begin():
                 yield session
 
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A unit of work that only reads (metrics, readiness, reports): on SQLite it takes no write
+        lock, so a long read never holds up a decision. Nothing it changes is kept."""
+        with self.readers() as session:
+            session.begin()
+            try:
+                yield session
+            finally:
+                session.rollback()
+
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -71,7 +87,7 @@ class Database:
         """The schema revision the database is at (None before the first upgrade)."""
         from alembic.runtime.migration import MigrationContext
 
-        with self.engine.connect() as conn:
+        with self.engine.execution_options(**{READ_ONLY: True}).connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
 
     def upgrade(self) -> None:

@@ -1,4 +1,4 @@
-"""Reliability (DESIGN.md section 6): crashes, redeliveries, retries and concurrent workers lose nothing
+"""Reliability (docs/architecture.md, "The flow of a message"): crashes, redeliveries, retries and concurrent workers lose nothing
 and duplicate nothing that we can prevent."""
 from __future__ import annotations
 
