@@ -152,8 +152,12 @@ def worker():
     _start_socket_mode(c)
     if c.settings.WORKER_METRICS_PORT:
         # This process's own counters; the database's numbers come from the web processes' /metrics.
-        start_server(Exposition(c.metrics), host=c.settings.HOST, port=c.settings.WORKER_METRICS_PORT,
-                     token=c.settings.METRICS_TOKEN, healthy=c.worker.healthy)
+        try:
+            start_server(Exposition(c.metrics), host=c.settings.HOST, port=c.settings.WORKER_METRICS_PORT,
+                         token=c.settings.METRICS_TOKEN, healthy=c.worker.healthy)
+        except OSError as exc:  # the work matters more than its metrics: say so loudly and carry on
+            logging.getLogger(__name__).error("worker metrics not served on %s:%s: %s", c.settings.HOST,
+                                              c.settings.WORKER_METRICS_PORT, exc)
     announce(c, "worker")
     c.worker.run_forever()
 

@@ -172,6 +172,9 @@ def recovered(installed, tmp_path_factory):
         output = proc.communicate(timeout=15)[0]
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert lines and all("event" in line and "level" in line for line in lines)
+    started = next(line["startup"] for line in lines if line["event"] == "Recovery Bot serve started")
+    assert started["chat"] == f"{base}/chat" and started["accounts"] == "embedded directory"
+    assert not [line for line in lines if line["logger"].startswith("alembic")], "Alembic's start-up chatter"
 
 
 def test_the_wheel_runs_a_whole_recovery_outside_the_source_tree(installed, recovered):

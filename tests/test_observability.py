@@ -87,7 +87,16 @@ def test_check_outcomes_and_wrong_codes_count_only_when_committed(sqlite_url, ma
 
 
 def test_readiness_names_what_is_missing(sqlite_url, make_container):
-    """/readyz's checks say when no worker has beaten recently and when the schema is behind."""
+    """/readyz's checks say when the database is unreachable, when no worker has beaten recently and
+    when the schema is behind."""
+    from types import SimpleNamespace
+
+    from recovery.clock import Clock
+    from recovery.db import Database
+
+    gone = Database("postgresql+psycopg://nobody@127.0.0.1:1/nothing")
+    assert readiness(SimpleNamespace(db=gone, clock=Clock())) == (False, {"database": "unreachable (OperationalError)"})
+    gone.dispose()
     clock = ManualClock()
     c = make_container(sqlite_url, clock=clock)
     assert readiness(c) == (False, {"database": "ok", "schema": "ok",
