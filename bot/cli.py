@@ -1,4 +1,4 @@
-"""The `recoverybot` command line (DESIGN.md section 7). click parses; `recovery/` decides."""
+"""The `recoverybot` command line (listed in the README). click parses; `recovery/` decides."""
 from __future__ import annotations
 
 import json
@@ -29,23 +29,29 @@ def _container(upgrade: bool = False, *, service: bool = False):
 
     settings = _settings()
     # long-running processes log at LOG_LEVEL; one-shot commands only say what went wrong
-    configure_logging(settings.LOG_LEVEL if service else logging.WARNING)
+    configure_logging(settings.LOG_LEVEL if service else logging.WARNING, settings.LOG_FORMAT,
+                      log_polls=settings.LOG_POLLS)
     if upgrade:
+        before = _require_schema(settings.DATABASE_URL, allow_empty=True)
         dbmod.upgrade(settings.DATABASE_URL)
+        after = dbmod.current_revision(settings.DATABASE_URL)
+        if after != before:
+            logging.getLogger(__name__).info("database schema upgraded from %s to %s", before or "nothing", after)
     else:
         _require_schema(settings.DATABASE_URL)
     return build(settings)
 
 
-def _require_schema(url: str) -> None:
+def _require_schema(url: str, *, allow_empty: bool = False) -> str | None:
     from recovery.db import current_revision
 
     try:
         rev = current_revision(url)
     except Exception as exc:  # noqa: BLE001 - report any connection problem plainly
         raise click.ClickException(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
-    if rev is None:
+    if rev is None and not allow_empty:
         raise click.ClickException("the database has no schema yet: run `recoverybot db upgrade` first")
+    return rev
 
 
 @click.group()
@@ -61,6 +67,7 @@ def serve(demo: bool):
     """Run web and worker in one process (the embedded default)."""
     from werkzeug.serving import make_server
 
+    from bot.startup import announce
     from bot.web import create_app
 
     c = _container(upgrade=True, service=True)
@@ -71,10 +78,7 @@ def serve(demo: bool):
     thread = threading.Thread(target=c.worker.run_forever, name="worker", daemon=True)
     thread.start()
     _start_socket_mode(c)
-    mail = "SMTP " + c.settings.SMTP_URL.split("@")[-1] if c.settings.SMTP_URL else \
-        f"the folder {Path(c.settings.MAIL_OUTBOX_DIR).resolve()}"
-    click.echo(f"Recovery Bot on {c.settings.PUBLIC_BASE_URL}/chat  (database {_safe_url(c.settings.DATABASE_URL)})")
-    click.echo(f"Emails go to {mail}. Approve with: recoverybot cases approve CASE_ID --approver alice")
+    announce(c, "serve")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -87,11 +91,28 @@ def serve(demo: bool):
 @main.command()
 @click.option("--workers", type=int, default=lambda: int(os.environ.get("WEB_CONCURRENCY", "2")), show_default="WEB_CONCURRENCY or 2")
 def web(workers: int):
-    """Run the web process under gunicorn (production)."""
+    """Run the web process under gunicorn (production).
+
+    gunicorn's processes count their metrics into one folder (prometheus-client's multiprocess mode),
+    so a scrape answered by any of them reports the sum over all of them.
+    """
+    import shutil
+    import tempfile
+
     from gunicorn.app.base import BaseApplication
+
+    from bot.logs import gunicorn_logconfig
 
     settings = _settings()
     _require_schema(settings.DATABASE_URL)
+    # Set before any process imports prometheus_client, which reads it once.
+    metrics_dir = tempfile.mkdtemp(prefix="recoverybot-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+    def child_exit(_server, worker):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid, metrics_dir)
 
     class App(BaseApplication):
         def load_config(self):
@@ -100,17 +121,22 @@ def web(workers: int):
             self.cfg.set("threads", 8)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("accesslog", "-")
-            self.cfg.set("logconfig_dict", {"version": 1, "disable_existing_loggers": False, "filters": {
-                "redact": {"()": "bot.logs.RedactTokens"}}, "handlers": {"console": {
-                    "class": "logging.StreamHandler", "filters": ["redact"]}}, "loggers": {
-                    "gunicorn.access": {"handlers": ["console"], "level": "INFO", "propagate": False}}})
+            self.cfg.set("logconfig_dict", gunicorn_logconfig(settings.LOG_LEVEL, settings.LOG_FORMAT))
+            self.cfg.set("child_exit", child_exit)
 
         def load(self):
+            from bot.startup import announce
             from bot.web import create_app
 
-            return create_app(_container(service=True))
+            c = _container(service=True)
+            app = create_app(c)
+            announce(c, "web")
+            return app
 
-    App().run()
+    try:
+        App().run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @main.command()
@@ -118,9 +144,21 @@ def worker():
     """Run the worker process: inbox, timers and outbox."""
     import signal
 
+    from bot.metrics import Exposition, start_server
+    from bot.startup import announce
+
     c = _container(service=True)
     signal.signal(signal.SIGTERM, lambda *_: c.worker.stop())
     _start_socket_mode(c)
+    if c.settings.WORKER_METRICS_PORT:
+        # This process's own counters; the database's numbers come from the web processes' /metrics.
+        try:
+            start_server(Exposition(c.metrics), host=c.settings.HOST, port=c.settings.WORKER_METRICS_PORT,
+                         token=c.settings.METRICS_TOKEN, healthy=c.worker.healthy)
+        except OSError as exc:  # the work matters more than its metrics: say so loudly and carry on
+            logging.getLogger(__name__).error("worker metrics not served on %s:%s: %s", c.settings.HOST,
+                                              c.settings.WORKER_METRICS_PORT, exc)
+    announce(c, "worker")
     c.worker.run_forever()
 
 
@@ -233,12 +271,6 @@ def _load_demo_if_empty(c) -> None:
     if empty:
         _load_demo(c)
         click.echo("loaded demo accounts: alex@example.com, mei@example.com, sam@example.com")
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 # ---- cases --------------------------------------------------------------------------------------------
@@ -442,3 +474,30 @@ def outbox_retry(message_id, all_):
     if n == 0:
         raise click.ClickException("no dead message with that id")
     click.echo(f"{n} message(s) queued again")
+
+
+# ---- report --------------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--days", type=click.IntRange(1, 3660), default=14, show_default=True,
+              help="Cases opened in the last N days.")
+@click.option("--svg", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the report as an SVG chart.")
+def report(days, svg):
+    """The funnel, where cases stopped, time to decision and to completion, and the queues now."""
+    from datetime import timedelta
+
+    from bot import report as reportmod
+    from recovery import stats
+
+    c = _container()
+    now = c.clock.now()
+    with c.db.reading() as s:
+        data = stats.report(s, since=now - timedelta(days=days), until=now)
+        queues = stats.queues(s, now)
+    click.echo(reportmod.text(data, queues, now), nl=False)
+    if svg:
+        try:
+            svg.write_text(reportmod.svg(data, queues, now, title=c.settings.BRAND_NAME), encoding="utf-8")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {svg}: {exc}") from None
+        click.echo(f"chart written to {svg}")

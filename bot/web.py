@@ -1,17 +1,22 @@
-"""The Flask app: routes of the external contract (DESIGN.md section 7) and error handling."""
+"""The Flask app: the HTTP routes (listed in docs/operations.md), security headers and error handling."""
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from bot import pages, webchat
+from bot import csp, logs, pages, webchat
+from bot.health import readiness
 from bot.http import ApiError
 from bot.intercom import webhook as intercom_webhook
+from bot.metrics import CONTENT_TYPE, Exposition, authorized
 
 log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024
+REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{8,64}")  # what proxies such as Heroku's router send
 
 
 def create_app(container) -> Flask:
@@ -47,25 +52,38 @@ def create_app(container) -> Flask:
 
     @app.get("/readyz")
     def readyz():
-        try:
-            container.db.ping()
-        except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
-            return jsonify(status="unavailable", error=type(exc).__name__), 503
-        return jsonify(status="ok")
+        ready, checks = readiness(container)
+        return jsonify(status="ok" if ready else "unavailable", checks=checks), 200 if ready else 503
+
+    exposition = Exposition(container.metrics, container.db_metrics)
 
     @app.get("/metrics")
     def metrics():
-        return Response(container.metrics.render(), mimetype="text/plain; version=0.0.4")
+        if not authorized(request.headers.get("Authorization"), container.settings.METRICS_TOKEN):
+            return Response("unauthorized\n", status=401, headers={"WWW-Authenticate": "Bearer"})
+        return Response(exposition.render(), content_type=CONTENT_TYPE)
 
     @app.get("/")
     def index():
         return Response(status=302, headers={"Location": "/chat"})
+
+    policy = csp.policy(container.renderer.env)  # refuses, at start-up, pages it could not allow
+
+    @app.before_request
+    def bind_request_id():
+        given = request.headers.get("X-Request-ID", "")
+        request.environ["recoverybot.request_id"] = rid = (
+            given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16])
+        logs.start_request(rid)
 
     @app.after_request
     def headers(resp):
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("X-Frame-Options", "DENY")
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        resp.headers.setdefault("Content-Security-Policy", policy)
+        if "recoverybot.request_id" in request.environ:
+            resp.headers["X-Request-ID"] = request.environ["recoverybot.request_id"]
         if request.path.startswith(("/enroll/", "/cancel/", "/lock/", "/chat/api/")):
             resp.headers["Cache-Control"] = "no-store"
         return resp

@@ -5,8 +5,9 @@ import logging
 from dataclasses import dataclass, field
 
 from bot.inbound import make_handler
+from bot.instrument import MeteredSender, chat_channel, observe_sessions, timed_handler
 from bot.mail import FolderMailer, SmtpMailer
-from bot.metrics import Metrics
+from bot.metrics import DatabaseCollector, Metrics
 from bot.staff import ConsoleStaffNotifier
 from bot.templates import Renderer
 from bot.webchat import ChatRouter, WebChatSender, WebChatTranscript
@@ -18,7 +19,7 @@ from recovery.crypto import Keyring
 from recovery.db import Database
 from recovery.deps import Deps
 from recovery.directory.embedded import EmbeddedDirectory
-from recovery.outbox import Dispatcher
+from recovery.outbox import MAX_ATTEMPTS, Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Container:
     keyring: Keyring
     renderer: Renderer
     metrics: Metrics
+    db_metrics: DatabaseCollector
     deps: Deps
     recovery: Recovery
     dispatcher: Dispatcher
@@ -62,6 +64,7 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
     renderer = Renderer(override_dir=settings.TEMPLATES_DIR or None,
                         globals={"brand_name": settings.BRAND_NAME, "support_email": settings.SUPPORT_EMAIL})
     metrics = Metrics()
+    observe_sessions(db.sessions, metrics)
     deps = Deps(policy=settings.policy, keyring=keyring, clock=clock,
                 directory_for=directory_factory(settings, keyring, clock),
                 public_base_url=settings.PUBLIC_BASE_URL,
@@ -106,13 +109,17 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
                                            trust_external_id=settings.INTERCOM_IDENTITY_VERIFICATION,
                                            staff=StaffDirectory(mapping=settings.admin_approver_map(),
                                                                 slack_client=slack_client))
-    dispatcher = Dispatcher(db, keyring=keyring, senders=senders, clock=clock, metrics=metrics)
-    worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher,
-                    handler=make_handler(deps, keyring, intercom=intercom_inbound), clock=clock,
+    staff_channel = "slack" if settings.slack_enabled else "console"
+    for kind, channel in (("email", "email"), ("chat", chat_channel), ("staff", staff_channel)):
+        senders[kind] = MeteredSender(senders[kind], metrics, clock, channel=channel, max_attempts=MAX_ATTEMPTS)
+    dispatcher = Dispatcher(db, keyring=keyring, senders=senders, clock=clock, metrics=metrics,
+                            max_attempts=MAX_ATTEMPTS)
+    handler = timed_handler(make_handler(deps, keyring, intercom=intercom_inbound), metrics, clock.now)
+    worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher, handler=handler, clock=clock,
                     idle_sleep=settings.WORKER_IDLE_SECONDS)
     container = Container(settings=settings, clock=clock, db=db, keyring=keyring, renderer=renderer,
-                          metrics=metrics, deps=deps, recovery=recovery, dispatcher=dispatcher, worker=worker,
-                          senders=senders)
+                          metrics=metrics, db_metrics=DatabaseCollector(db, clock, background=True), deps=deps,
+                          recovery=recovery, dispatcher=dispatcher, worker=worker, senders=senders)
     if intercom_inbound is not None:
         container.closables.append(intercom_api)
     if slack_client is not None:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
-from recovery import inbox, limits
+from bot.logs import unit_of_work
+from recovery import heartbeats, inbox, limits
 from recovery.outbox import EMAIL_LANE, OTHER_LANE
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,10 @@ class Worker:
         self.wake_event = threading.Event()
         self.mail_wake = threading.Event()
         self._pruned_at = None
+        self.worker_id = heartbeats.new_worker_id()
+        self.started_at = clock.now()
+        self._beat_at = None
+        self.last_pass = None  # time.monotonic() of the last finished pass, for the worker's /healthz
 
     def wake(self) -> None:
         """Called by a route that stored an event in this process (`recoverybot serve`), so the
@@ -26,8 +32,13 @@ class Worker:
         self.wake_event.set()
 
     def _housekeeping(self) -> None:
-        """Attempt counters older than a day can limit nothing; drop them now and then."""
+        """Say this worker is alive, now and then; and drop attempt counters older than a day, which
+        can limit nothing."""
         now = self.clock.now()
+        if self._beat_at is None or now - self._beat_at >= heartbeats.INTERVAL:
+            with self.db.transaction() as session:
+                heartbeats.beat(session, self.worker_id, now=now, started_at=self.started_at)
+            self._beat_at = now
         if self._pruned_at is None or now - self._pruned_at >= timedelta(minutes=10):
             with self.db.transaction() as session:
                 limits.prune(session, now=now)
@@ -41,15 +52,19 @@ class Worker:
         """
         done = 0
         for _ in range(inbox_batch):
-            if not inbox.process_one(self.db, self.handler, self.clock.now):
-                break
+            with unit_of_work():
+                if not inbox.process_one(self.db, self.handler, self.clock.now):
+                    break
             done += 1
         for _ in range(batch):
-            if not self.recovery.fire_due_timer():
-                break
+            with unit_of_work():
+                if not self.recovery.fire_due_timer():
+                    break
             done += 1
-        done += self.dispatcher.run_once(batch, lane)
+        with unit_of_work():
+            done += self.dispatcher.run_once(batch, lane)
         self._housekeeping()
+        self.last_pass = time.monotonic()
         return done
 
     def drain(self, max_passes: int = 100) -> int:
@@ -81,7 +96,8 @@ class Worker:
         return done
 
     def _mail_pass(self) -> int:
-        return self.dispatcher.run_once(50, EMAIL_LANE)
+        with unit_of_work():
+            return self.dispatcher.run_once(50, EMAIL_LANE)
 
     def _loop(self, one_pass, wake: threading.Event) -> None:
         while not self.stop_event.is_set():
@@ -94,6 +110,10 @@ class Worker:
             if not busy:
                 wake.wait(self.idle_sleep)
                 wake.clear()
+
+    def healthy(self, within: float = 60.0) -> bool:
+        """Whether the loop finished a pass lately (a pass stuck on a hung call is not healthy)."""
+        return self.last_pass is not None and time.monotonic() - self.last_pass < within
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     RISK_POLICY: str = ""
     TEMPLATES_DIR: str = ""
     LOG_LEVEL: str = "INFO"
+    # `text` for people at a terminal, `json` for a log pipeline: one object per line, with the request
+    # id and the case id on every line they concern.
+    LOG_FORMAT: Literal["text", "json"] = "text"
+    # Log every chat poll and health or metrics probe too (they are most of the traffic, so off by default).
+    LOG_POLLS: bool = False
+    # When set, /metrics answers only `Authorization: Bearer <METRICS_TOKEN>`.
+    METRICS_TOKEN: str = ""
+    # Where `recoverybot worker` serves its own /metrics and /healthz (on HOST); 0 turns that off.
+    WORKER_METRICS_PORT: int = Field(9101, ge=0, le=65535)
     # How many reverse proxies (load balancer, Heroku's router) stand in front of the web process; their
     # X-Forwarded-For entries are trusted for the client IP that per-IP limits count. 0 trusts none.
     TRUSTED_PROXIES: int = Field(0, ge=0, le=5)

@@ -6,6 +6,7 @@ same "one decision under concurrent clicks" guarantee that row locks give on Pos
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Iterator
 
@@ -13,9 +14,12 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+# The Alembic scripts ship inside this package; Alembic resolves "package:folder" through
+# importlib.resources, so an installed wheel migrates as well as a source checkout.
+MIGRATIONS = "recovery:migrations"
+
+
 READ_ONLY = "recoverybot_read_only"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MIGRATIONS = PROJECT_ROOT / "migrations"
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -35,8 +39,7 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn):
-            # Read-only units of work (Database.reading) take no write lock: in WAL mode they read a
-            # snapshot while a writer works, so a chat poll never waits on the worker.
+            # Readers (Database.reading) take no write lock: under WAL they never block a writer.
             conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
@@ -53,7 +56,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url, **engine_kwargs)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
+        self.readers = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
     @property
     def is_postgres(self) -> bool:
@@ -67,14 +70,25 @@ class Database:
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
-        """A unit of work that only reads (a chat poll): on SQLite it takes no write lock."""
-        with self.read_sessions() as session:
-            with session.begin():
+        """A unit of work that only reads (metrics, readiness, reports): on SQLite it takes no write
+        lock, so a long read never holds up a decision. Nothing it changes is kept."""
+        with self.readers() as session:
+            session.begin()
+            try:
                 yield session
+            finally:
+                session.rollback()
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+    def revision(self) -> str | None:
+        """The schema revision the database is at (None before the first upgrade)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.execution_options(**{READ_ONLY: True}).connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
 
     def upgrade(self) -> None:
         upgrade(self.url)
@@ -87,7 +101,7 @@ def alembic_config(url: str):
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("script_location", MIGRATIONS)
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
@@ -97,6 +111,14 @@ def upgrade(url: str) -> None:
     from alembic import command
 
     command.upgrade(alembic_config(url), "head")
+
+
+@cache
+def head_revision() -> str:
+    """The newest revision the shipped migrations define: what this code expects."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 
 def current_revision(url: str) -> str | None:

@@ -1,4 +1,4 @@
-"""The recovery case's states and transitions, declared once (DESIGN.md section 3).
+"""The recovery case's states and transitions, declared once (docs/states.md shows them as a diagram).
 
 `fire()` is the only code that changes `Case.state`. It refuses an event that the table does not allow
 from the current state, moves the state with a compare-and-set UPDATE (so two racing callers produce

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models. The schema itself is owned by the Alembic migrations in `migrations/`."""
+"""SQLAlchemy 2 models. The schema itself is owned by the Alembic migrations in `recovery/migrations/`."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -307,3 +307,14 @@ class CaseDocument(Base):
     # claim (its id) while the upload runs, and the Slack file id records that it is done.
     slack_claim: Mapped[str | None] = mapped_column(String(64))
     slack_file_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class WorkerHeartbeat(Base):
+    """One row per running worker process, touched as its loop goes round, so any process can tell
+    whether some worker is alive (`/readyz`, the stalled-worker alert)."""
+    __tablename__ = "worker_heartbeats"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # host:pid:random
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = ts()
+    beat_at: Mapped[datetime] = ts()

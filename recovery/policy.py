@@ -1,4 +1,4 @@
-"""Risk levels and the policy table (DESIGN.md section 3, "Risk and policy").
+"""Risk levels and the policy table (docs/configuration.md, "The risk policy").
 
 Operators override parts of it with the RISK_POLICY environment variable, a JSON object such as
 `{"levels": {"medium": {"notice_hours": 12}}, "max_cases_per_30_days": 2}`.

@@ -1,7 +1,8 @@
-"""The customer's pages in a real headless Chromium: the web chat at /chat and the enroll page.
+"""The customer's pages in a real headless Chromium: the web chat at /chat, the enroll and cancel pages
+and the error pages, each checked for Content-Security-Policy violations as it is used.
 
-Chromium is Debian's package at /usr/bin/chromium, driven through Playwright's sync API; Playwright's own
-browser download is never used (DESIGN.md section 8, "Browser tests").
+Chromium is Debian's package at /usr/bin/chromium, driven through Playwright's sync API with flags that
+keep it from calling out; Playwright's own browser download is never used (.ci/run installs Chromium).
 """
 from __future__ import annotations
 
@@ -48,14 +49,30 @@ def browser():
         chromium.close()
 
 
+# Reports each CSP violation to the test through a binding (bindings and init scripts are added by the
+# browser itself, so the page's own policy does not stop them).
+REPORT_VIOLATIONS = """
+document.addEventListener("securitypolicyviolation", function (e) {
+  window.cspViolation(e.violatedDirective + " blocked " + (e.blockedURI || "inline") + " on " + e.documentURI);
+});
+"""
+
+
 @pytest.fixture
 def page(browser):
+    """A fresh page; the test fails if any page it opened broke the Content-Security-Policy."""
     context = browser.new_context(viewport={"width": 900, "height": 900}, locale="en-US")
     context.set_default_timeout(WAIT_MS)
+    violations: list[str] = []
+    context.expose_function("cspViolation", lambda text: violations.append(text))
+    context.add_init_script(REPORT_VIOLATIONS)
     pg = context.new_page()
     pg.outside_requests = []  # anything the page fetches from a host other than our server
+    pg.csp_violations = violations
     yield pg
+    pg.wait_for_timeout(100)  # let a late report arrive
     context.close()
+    assert violations == [], f"Content-Security-Policy violations: {violations}"
 
 
 def _only_local(page, base_url: str) -> None:
@@ -208,3 +225,58 @@ def test_enroll_page_refuses_an_unknown_link(sqlite_url, live, page):
     assert response.status == 404
     assert "recognise this link" in page.inner_text("#reason")
     assert page.locator("form").count() == 0
+
+
+def _csp(response) -> dict[str, str]:
+    directives = (d.strip().split(" ", 1) for d in response.headers["content-security-policy"].split(";"))
+    return {d[0]: d[1] if len(d) > 1 else "" for d in directives}
+
+
+def test_cancel_and_error_pages_run_under_a_strict_policy(sqlite_url, live, page):
+    """The cancel page, its confirmation, a link error and a 404 all carry a CSP that allows no inline
+    script except by hash and forbids framing, and none of them breaks it."""
+    from tests.helpers import last_mail, load_demo, open_case
+
+    server = live(sqlite_url)
+    c = server.container
+    load_demo(c)
+    case_id = open_case(c, "alex@example.com")
+    cancel = link_in(last_mail(c, "reset_requested", case_id), "cancel")
+    first = page.goto(cancel)
+    policy = _csp(first)
+    assert policy["frame-ancestors"] == "'none'" and policy["default-src"] == "'none'"
+    assert "unsafe-inline" not in first.headers["content-security-policy"]
+    assert all(src.startswith("'sha256-") for src in policy["script-src"].split())
+    assert first.headers["cache-control"] == "no-store" and first.headers["referrer-policy"] == "no-referrer"
+    with page.expect_navigation() as nav:
+        page.locator("form button").first.click()
+    assert nav.value.status == 200 and "content-security-policy" in nav.value.headers
+    with c.recovery.service() as svc:
+        assert svc.get(case_id).state == "cancelled"
+    assert page.goto(f"{server.url}/enroll/{'B' * 43}").status == 404
+    missing = page.goto(f"{server.url}/no-such-page")
+    assert missing.status == 404 and _csp(missing)["frame-ancestors"] == "'none'"
+
+
+def test_a_page_without_its_script_hash_is_reported(sqlite_url, live, browser):
+    """The violation check can fail: served with its script hash removed from the policy, the chat page's
+    script is blocked and the violation reaches the test."""
+    server = live(sqlite_url, worker=False)
+    context = browser.new_context()
+    violations: list[str] = []
+    context.expose_function("cspViolation", lambda text: violations.append(text))
+    context.add_init_script(REPORT_VIOLATIONS)
+    pg = context.new_page()
+
+    def without_script_hash(route):
+        response = route.fetch()
+        headers = dict(response.headers)
+        headers["content-security-policy"] = re.sub(r"script-src [^;]+", "script-src 'self'",
+                                                    headers["content-security-policy"])
+        route.fulfill(response=response, headers=headers)
+
+    pg.route(f"{server.url}/chat", without_script_hash)
+    pg.goto(f"{server.url}/chat")
+    pg.wait_for_timeout(300)
+    context.close()
+    assert any(v.startswith("script-src") and "inline" in v for v in violations), violations

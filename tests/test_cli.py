@@ -1,4 +1,4 @@
-"""The `recoverybot` command line (DESIGN.md section 7), run through click's CliRunner against real
+"""The `recoverybot` command line (the commands the README lists), run through click's CliRunner against real
 databases: schema, demo data, account imports, case commands, audit verification and configuration."""
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ def _case(session, now, state="opened") -> Case:
 
 
 def test_table_matches_the_spec():
-    """The declared transitions are exactly DESIGN.md's table: every open state leads on, finals lead nowhere."""
+    """The declared transitions are exactly the table in docs/states.md: every open state leads on, finals lead nowhere."""
     leaves = {s: set() for s in State}
     for t in TRANSITIONS:
         for source in t.sources:

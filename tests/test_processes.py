@@ -23,7 +23,7 @@ def _wait_up(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
         try:
             if requests.get(url, timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # still starting, or busy starting
             pass
         time.sleep(0.1)
     raise AssertionError(f"{url} did not come up")
@@ -42,7 +42,7 @@ def test_serve_runs_the_embedded_default_in_an_empty_folder(tmp_path):
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_up(f"{base}/healthz", proc)
-        assert requests.get(f"{base}/readyz", timeout=5).json() == {"status": "ok"}
+        assert requests.get(f"{base}/readyz", timeout=5).json()["status"] == "ok"
         page = requests.get(f"{base}/chat", timeout=5)
         assert page.status_code == 200 and "/chat/api/sessions" in page.text
         session = requests.post(f"{base}/chat/api/sessions", json={}, timeout=5).json()
@@ -59,23 +59,71 @@ def test_serve_runs_the_embedded_default_in_an_empty_folder(tmp_path):
         proc.wait(10)
 
 
-def test_web_serves_under_gunicorn(tmp_path):
-    """`recoverybot web` answers health, readiness and metrics under gunicorn."""
+def _metric(text: str, sample: str) -> float:
+    """The value of one exposition line, such as 'name{label="v"}'; 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_web_and_worker_processes_report_readiness_and_metrics(tmp_path):
+    """Under gunicorn with two processes, /readyz waits for a worker's heartbeat, /metrics needs the
+    token and reports the same summed counters whichever process answers, and the worker serves its
+    own /metrics and /healthz."""
     url = f"sqlite:///{tmp_path / 'web.db'}"
     dbmod.upgrade(url)
-    port = free_port()
-    proc = subprocess.Popen([str(BIN), "web", "--workers", "1"], cwd=tmp_path,
-                            env=_env(DATABASE_URL=url, SECRET_KEY=SECRET, PORT=str(port)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port, worker_port = free_port(), free_port()
+    env = _env(DATABASE_URL=url, SECRET_KEY=SECRET, PORT=str(port), METRICS_TOKEN="scrape-me",
+               WORKER_METRICS_PORT=str(worker_port), MAIL_OUTBOX_DIR=str(tmp_path / "mail"))
+    web = subprocess.Popen([str(BIN), "web", "--workers", "2"], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = None
+    auth = {"Authorization": "Bearer scrape-me"}
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_up(f"{base}/healthz", proc)
-        assert requests.get(f"{base}/readyz", timeout=5).status_code == 200
-        metrics = requests.get(f"{base}/metrics", timeout=5)
-        assert metrics.status_code == 200 and "recoverybot_inbox_events_total" in metrics.text
+        _wait_up(f"{base}/healthz", web)
+        not_ready = requests.get(f"{base}/readyz", timeout=5)
+        assert not_ready.status_code == 503
+        assert not_ready.json()["checks"] == {"database": "ok", "schema": "ok",
+                                              "worker": "no worker has reported yet: start `recoverybot worker`"}
+        assert requests.get(f"{base}/metrics", timeout=5).status_code == 401
+        assert requests.get(f"{base}/metrics", headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
+        sid = requests.post(f"{base}/chat/api/sessions", json={}, timeout=5).json()["session_id"]
+        for i in range(6):
+            r = requests.post(f"{base}/chat/api/sessions/{sid}/messages", json={"text": f"hello {i}"}, timeout=5)
+            assert r.status_code == 202
+        stored = 'recoverybot_inbox_events_total{outcome="stored",source="webchat"}'
+        for _ in range(6):  # each scrape may be answered by either gunicorn process
+            assert _metric(requests.get(f"{base}/metrics", headers=auth, timeout=5).text, stored) == 6.0
+
+        worker = subprocess.Popen([str(BIN), "worker"], cwd=tmp_path, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        _wait_up(f"http://127.0.0.1:{worker_port}/healthz", worker)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and requests.get(f"{base}/readyz", timeout=5).status_code != 200:
+            time.sleep(0.1)
+        assert requests.get(f"{base}/readyz", timeout=5).json() == {
+            "status": "ok", "checks": {"database": "ok", "schema": "ok", "worker": "ok"}}
+        assert requests.get(f"http://127.0.0.1:{worker_port}/metrics", timeout=5).status_code == 401
+        while time.monotonic() < deadline and "recoverybot_chat_reply_seconds_count" not in requests.get(
+                f"http://127.0.0.1:{worker_port}/metrics", headers=auth, timeout=5).text:
+            time.sleep(0.1)
+        own = requests.get(f"http://127.0.0.1:{worker_port}/metrics", headers=auth, timeout=5).text
+        assert _metric(own, 'recoverybot_messages_out_total{channel="webchat",result="sent"}') >= 1
+        assert _metric(own, 'recoverybot_chat_reply_seconds_count{channel="webchat"}') >= 1
+        assert "recoverybot_cases{" not in own, "the database's numbers come from the web processes only"
+        # the database's numbers are read at most every few seconds, then served from each process's cache
+        deadline, alive = time.monotonic() + 15, 0.0
+        while time.monotonic() < deadline and alive != 1.0:
+            alive = _metric(requests.get(f"{base}/metrics", headers=auth, timeout=5).text, "recoverybot_workers_alive")
+            time.sleep(0.2)
+        assert alive == 1.0
     finally:
-        proc.terminate()
-        proc.wait(10)
+        for proc in (worker, web):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
 
 
 def test_web_refuses_an_unmigrated_database(tmp_path):

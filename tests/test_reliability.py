@@ -1,4 +1,4 @@
-"""Reliability (DESIGN.md section 6): crashes, redeliveries, retries and concurrent workers lose nothing
+"""Reliability (docs/architecture.md, "The flow of a message"): crashes, redeliveries, retries and concurrent workers lose nothing
 and duplicate nothing that we can prevent."""
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def test_worker_killed_mid_dispatch_loses_no_email(any_db_url, make_container, s
     queue_emails(c, keys)
 
     env = {"PATH": os.environ.get("PATH", ""), "DATABASE_URL": any_db_url, "SECRET_KEY": SECRET,
-           "SMTP_URL": smtp_url, "LOG_LEVEL": "INFO"}
+           "SMTP_URL": smtp_url, "LOG_LEVEL": "INFO", "WORKER_METRICS_PORT": "0"}
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([RECOVERYBOT, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)

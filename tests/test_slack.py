@@ -902,5 +902,5 @@ def test_slack_doc_names_every_setting_and_the_route():
     assert missing == []
     manifest = doc.split("```yaml", 1)[1].split("```", 1)[0]
     assert manifest.count("/slack/events") == 2 and "command: /recovery" in manifest
-    assert re.findall(r"^\s+- ([a-z:.]+)", manifest.split("bot:", 1)[1], re.M) == ["chat:write", "commands",
-                                                                                  "files:write"]
+    assert re.findall(r"^\s+- ([a-z:.]+)", manifest.split("bot:", 1)[1], re.M) == ["chat:write", "commands", "files:write",
+                                                                                      "users:read.email"]

@@ -1,4 +1,4 @@
-"""Timers (DESIGN.md section 3): code expiry, verifying and approval expiry, approval reminders, the
+"""Timers (docs/states.md): code expiry, verifying and approval expiry, approval reminders, the
 notice window, link expiry and the unused-link reminder, driven by a manual clock and the real worker."""
 from __future__ import annotations
 

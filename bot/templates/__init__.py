@@ -1,18 +1,19 @@
 """Rendering of every customer-facing text from Jinja2 templates, per language.
 
-A folder named by TEMPLATES_DIR shadows the built-in `templates/` file by file, so operators can
-change any wording without forking. Brand name, support email and similar values are globals that
+The built-in templates ship inside this package (`bot/templates/`, read through importlib.resources,
+so an installed wheel finds them wherever it lives). A folder named by TEMPLATES_DIR shadows them file
+by file, so operators can change any wording without forking. Brand name, support email and similar values are globals that
 come from settings, never text in templates.
 """
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
+from importlib.resources import files
 
-from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
-BUILTIN = Path(__file__).resolve().parent.parent / "templates"
+BUILTIN = files(__name__)  # this package's folder: chat/, email/, slack/, web/
 LOCALES = ("en", "zh-TW")
 
 
@@ -37,7 +38,7 @@ def pick_locale(locale: str | None) -> str:
 class Renderer:
     def __init__(self, *, override_dir: str | None = None, globals: dict | None = None):
         loaders = [FileSystemLoader(override_dir)] if override_dir else []
-        loaders.append(FileSystemLoader(str(BUILTIN)))
+        loaders.append(PackageLoader(__name__, "."))
         # Two environments over the same files: chat text and email text parts are plain text, while
         # pages and email HTML parts escape every value (a deny reason is typed by a person).
         self.text_env = Environment(loader=ChoiceLoader(loaders), undefined=StrictUndefined,
