@@ -42,11 +42,18 @@ class RetentionCollector:
             "recoverybot_retention_overdue_seconds",
             "How long the oldest data past its retention has been overdue, by kind (0: nothing is)",
             labels=["kind"])
+        age = GaugeMetricFamily(
+            "recoverybot_retention_oldest_age_seconds",
+            "Age (since it became final) of the oldest data past its retention, by kind (0: none is past)",
+            labels=["kind"])
         for kind in retention.KINDS:
             purged.add_metric([kind], sums[kind])
             overdue_family.add_metric([kind], overdue[kind])
+            days = getattr(self.policy, kind)
+            age.add_metric([kind], overdue[kind] + days * 86400 if overdue[kind] else 0.0)
         yield purged
         yield overdue_family
+        yield age
 
     def _read(self):
         with self.db.transaction() as s:

@@ -268,6 +268,7 @@ def test_worker_purges_daily_and_metrics_show_it(sqlite_url, live):
     clock.advance(hours=18)  # the case's details are 6 hours past their day; the worker has not looked yet
     body = metrics()
     assert _metric(body, 'recoverybot_retention_overdue_seconds{kind="cases"}') == pytest.approx(6 * 3600)
+    assert _metric(body, 'recoverybot_retention_oldest_age_seconds{kind="cases"}') == pytest.approx(30 * 3600)
     assert _metric(body, 'recoverybot_retention_overdue_seconds{kind="transcripts"}') == 0
     assert get_case(c, case_id).account_id == "acct-1001"
 
@@ -276,6 +277,7 @@ def test_worker_purges_daily_and_metrics_show_it(sqlite_url, live):
     assert _metric(body, "recoverybot_purge_runs_total") == 2
     assert _metric(body, 'recoverybot_purged_total{kind="cases"}') == 1
     assert _metric(body, 'recoverybot_retention_overdue_seconds{kind="cases"}') == 0
+    assert _metric(body, 'recoverybot_retention_oldest_age_seconds{kind="cases"}') == 0
     assert _metric(body, "recoverybot_purge_last_run_timestamp_seconds") == pytest.approx(clock.now().timestamp())
     assert get_case(c, case_id).account_id is None
 
