@@ -23,7 +23,7 @@ def _settings():
         raise click.ClickException(f"configuration error: {exc}") from None
 
 
-def _container(upgrade: bool = False, *, service: bool = False):
+def _container(upgrade: bool = False, *, service: bool = False, check_keys: bool | None = None):
     from bot.wiring import build
     from recovery import db as dbmod
 
@@ -39,7 +39,35 @@ def _container(upgrade: bool = False, *, service: bool = False):
             logging.getLogger(__name__).info("database schema upgraded from %s to %s", before or "nothing", after)
     else:
         _require_schema(settings.DATABASE_URL)
-    return build(settings)
+    container = build(settings)
+    if service if check_keys is None else check_keys:
+        _check_keys(container.settings, container.db, container.keyring, container.clock)
+    return container
+
+
+def _check_keys(settings, db, keyring, clock, *, warn: bool = True) -> None:
+    """Refuse to start with keys that cannot read the database (rather than fail on every row later),
+    and say when SECRET_KEY_PREVIOUS has outlived a finished rotation."""
+    from recovery import keys
+
+    with db.transaction() as s:
+        unreadable = keys.unreadable_samples(s, keyring)
+        left_over = warn and keys.previous_keys_left_over(s, keyring, clock.now())
+    if unreadable:
+        raise click.ClickException(_wrong_key(settings, unreadable))
+    if left_over:
+        logging.getLogger("recoverybot.keys").warning(left_over)
+
+
+def _wrong_key(settings, unreadable: list[str]) -> str:
+    which = "SECRET_KEY" if settings.SECRET_KEY else (
+        f"SECRET_KEY is not set, so the embedded default's key file "
+        f"({settings.sqlite_path().parent / '.recoverybot-secret'}) was used; it")
+    previous = "no key in SECRET_KEY_PREVIOUS does either" if settings.SECRET_KEY_PREVIOUS else \
+        "SECRET_KEY_PREVIOUS is empty"
+    return (f"{which} does not decrypt the data in this database, and {previous} "
+            f"(e.g. {', '.join(unreadable[:4])}). Set SECRET_KEY to the key the data was encrypted with, or, "
+            "while rotating, list that key in SECRET_KEY_PREVIOUS.")
 
 
 def _require_schema(url: str, *, allow_empty: bool = False) -> str | None:
@@ -105,9 +133,19 @@ def web(workers: int):
 
     settings = _settings()
     _require_schema(settings.DATABASE_URL)
-    # Set before any process imports prometheus_client, which reads it once.
+    # Set before anything imports prometheus_client (bot.wiring does), which reads it once.
     metrics_dir = tempfile.mkdtemp(prefix="recoverybot-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT, log_polls=settings.LOG_POLLS)
+    from bot.wiring import keyring_for
+    from recovery.clock import Clock
+    from recovery.db import Database
+
+    db = Database(settings.DATABASE_URL)
+    try:
+        _check_keys(settings, db, keyring_for(settings), Clock())
+    finally:
+        db.dispose()
 
     def child_exit(_server, worker):
         from prometheus_client import multiprocess
@@ -128,7 +166,7 @@ def web(workers: int):
             from bot.startup import announce
             from bot.web import create_app
 
-            c = _container(service=True)
+            c = _container(service=True, check_keys=False)  # checked above, once
             app = create_app(c)
             announce(c, "web")
             return app
@@ -322,8 +360,10 @@ def cases_show(case_id):
             raise click.ClickException(str(exc)) from None
         profile = svc.directory.get(case.account_id) if case.account_id else None
         click.echo(f"case {case.id}: {case.state}" + (f" ({case.final_reason})" if case.final_reason else ""))
-        click.echo(f"  account: {case.account_id or '(none matched)'}  email: "
-                   f"{_mask(profile.email) if profile else '-'}")
+        if case.details_purged_at:
+            click.echo(f"  personal details purged {case.details_purged_at:%Y-%m-%d %H:%M:%S}Z (retention)")
+        click.echo(f"  account: {case.account_id or ('-' if case.details_purged_at else '(none matched)')}  "
+                   f"email: {_mask(profile.email) if profile else '-'}")
         click.echo(f"  opened {case.created_at:%Y-%m-%d %H:%M:%S}Z by {case.opened_by} via {case.channel}")
         click.echo(f"  risk: {case.risk_level or '-'}" + (f" ({', '.join(case.risk_reasons)})" if case.risk_reasons else ""))
         click.echo("  checks:")
@@ -501,3 +541,80 @@ def report(days, svg):
         except OSError as exc:
             raise click.ClickException(f"cannot write {svg}: {exc}") from None
         click.echo(f"chart written to {svg}")
+
+
+# ---- retention, access requests and keys -------------------------------------------------------------
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed, by kind and count.")
+def purge(dry_run):
+    """Remove personal data past its retention (RETENTION_DAYS_*); the worker also runs this daily."""
+    from recovery import retention
+
+    c = _container()
+    policy = c.settings.retention()
+    result = retention.purge(c.db, policy, c.clock.now(), trigger="cli", dry_run=dry_run)
+    n = result.counts
+    click.echo(f"{'would purge' if dry_run else 'purged'} (days kept: {policy.describe()}):")
+    click.echo(f"  transcripts  {n['transcripts']:>6}  conversations ({result.chat_lines} web chat lines)")
+    click.echo(f"  documents    {n['documents']:>6}")
+    click.echo(f"  events       {n['events']:>6}  ({result.inbox} inbox, {result.outbox} outbox)")
+    click.echo(f"  cases        {n['cases']:>6}  case details")
+
+
+@main.command("export")
+@click.option("--account", "account_id", required=True, help="The account's id in the account directory.")
+def export(account_id):
+    """Print everything the bot holds about an account as one JSON document (for an access request)."""
+    from recovery.errors import DirectoryError
+    from recovery.export import export_account
+
+    c = _container()
+    try:
+        with c.db.transaction() as s:
+            doc = export_account(s, account_id=account_id, keyring=c.keyring,
+                                 directory=c.deps.directory_for(s), now=c.clock.now())
+    except DirectoryError as exc:
+        raise click.ClickException(f"the account directory failed: {exc}") from None
+    if doc["account"] is None and not doc["cases"]:
+        raise click.ClickException(f"no account {account_id!r} and no case of it")
+    click.echo(json.dumps(doc, ensure_ascii=False, indent=2))
+
+
+@main.group()
+def keys():
+    """The key that protects data at rest (SECRET_KEY, SECRET_KEY_PREVIOUS)."""
+
+
+@keys.command("rotate")
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=500, show_default=True,
+              help="Rows per transaction.")
+def keys_rotate(batch_size):
+    """Re-encrypt every encrypted value under SECRET_KEY; safe to stop and run again."""
+    from recovery import keys as keys_mod
+
+    c = _container()
+    _check_keys(c.settings, c.db, c.keyring, c.clock, warn=False)  # this run says itself what may go
+    report = keys_mod.rotate(c.db, c.keyring, c.clock, batch=batch_size)
+    for sealed in keys_mod.SEALED:
+        click.echo(f"{sealed.name:<28} {report.rekeyed[sealed.name]:>7} re-encrypted, "
+                   f"{report.current[sealed.name]:>7} already under SECRET_KEY")
+    for value in report.live_keyed:
+        click.echo(f"cannot re-key the {value.what} of case {value.case_id} (a keyed hash of a code that is never "
+                   f"kept): it stays valid under the older key until {value.expires_at:%Y-%m-%d %H:%M:%S}Z")
+    if not report.finished:
+        shown = ", ".join(report.unreadable)
+        more = report.unreadable_count - len(report.unreadable)
+        raise click.ClickException(
+            f"{report.unreadable_count} value(s) could not be decrypted with SECRET_KEY or any key in "
+            f"SECRET_KEY_PREVIOUS: {shown}{f' and {more} more' if more > 0 else ''}. Add the key that encrypted "
+            "them to SECRET_KEY_PREVIOUS and run `recoverybot keys rotate` again; keep SECRET_KEY_PREVIOUS "
+            "until then.")
+    until = report.old_key_needed_until
+    if not c.keyring.has_previous:
+        click.echo("everything is under SECRET_KEY (SECRET_KEY_PREVIOUS is not set)")
+    elif until is not None:
+        click.echo(f"everything else is under SECRET_KEY: SECRET_KEY_PREVIOUS may be removed after "
+                   f"{until:%Y-%m-%d %H:%M:%S}Z, when the last of these has expired")
+    else:
+        click.echo("everything is under SECRET_KEY: SECRET_KEY_PREVIOUS may be removed now (then restart)")

@@ -3,7 +3,8 @@
 - Check outcomes and wrong email codes are read off what the unit of work writes (an identity check
   reaching a result, a case's count of wrong codes going up), through SQLAlchemy session events on the
   container's own session factory, and counted only once the transaction commits.
-- Deliveries are counted by a wrapper around each outbox sender, which knows the channel it serves.
+- Deliveries are counted by a wrapper around each outbox sender, which knows the channel it serves; web-chat
+  replies, written in the dialog's own transaction, are counted when that transaction commits.
 - Chat reply latency runs from a customer's message being stored to the first reply delivered to the
   same conversation.
 """
@@ -14,7 +15,7 @@ from structlog.contextvars import unbind_contextvars
 
 from bot.logs import bind_case
 from recovery.checks import PENDING
-from recovery.models import Case, CaseCheck
+from recovery.models import Case, CaseCheck, ChatMessage
 from recovery.outbox import Outgoing, PermanentFailure
 
 _PENDING = "recoverybot_metrics_pending"
@@ -31,6 +32,9 @@ def observe_sessions(sessionmaker, metrics) -> None:
                 added = inspect(obj).attrs.result.history.added
                 if added and added[-1] != PENDING:
                     pending.append(("check", obj.name, added[-1]))
+            elif isinstance(obj, ChatMessage) and obj in session.new and obj.sender == "bot":
+                # a web-chat reply, written in the dialog's own transaction: delivered when it commits
+                pending.append(("out", "webchat", "sent"))
             elif isinstance(obj, Case):
                 history = inspect(obj).attrs.code_failures.history
                 if history.added and history.deleted:
@@ -43,6 +47,8 @@ def observe_sessions(sessionmaker, metrics) -> None:
         for kind, name, value in session.info.pop(_PENDING, []):
             if kind == "check":
                 metrics.check(name, value)
+            elif kind == "out":
+                metrics.delivered(name, value)
             else:
                 metrics.failure(name, value)
 

@@ -8,6 +8,7 @@ from bot.inbound import make_handler
 from bot.instrument import MeteredSender, chat_channel, observe_sessions, timed_handler
 from bot.mail import FolderMailer, SmtpMailer
 from bot.metrics import DatabaseCollector, Metrics
+from bot.retention_metrics import RetentionCollector
 from bot.staff import ConsoleStaffNotifier
 from bot.templates import Renderer
 from bot.webchat import ChatRouter, WebChatSender, WebChatTranscript
@@ -57,14 +58,19 @@ def directory_factory(settings: Settings, keyring: Keyring, clock: Clock):
     return lambda session: EmbeddedDirectory(session, keyring=keyring, clock=clock)
 
 
+def keyring_for(settings: Settings) -> Keyring:
+    return Keyring(settings.secret_key(), settings.SECRET_KEY_PREVIOUS)
+
+
 def build(settings: Settings, *, clock: Clock | None = None, db: Database | None = None) -> Container:
     clock = clock or Clock()
     db = db or Database(settings.DATABASE_URL)
-    keyring = Keyring(settings.secret_key())
+    keyring = keyring_for(settings)
     renderer = Renderer(override_dir=settings.TEMPLATES_DIR or None,
                         globals={"brand_name": settings.BRAND_NAME, "support_email": settings.SUPPORT_EMAIL})
     metrics = Metrics()
     observe_sessions(db.sessions, metrics)
+    metrics.registry.register(RetentionCollector(db, settings.retention(), clock))
     deps = Deps(policy=settings.policy, keyring=keyring, clock=clock,
                 directory_for=directory_factory(settings, keyring, clock),
                 public_base_url=settings.PUBLIC_BASE_URL,
@@ -116,7 +122,7 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
                             max_attempts=MAX_ATTEMPTS)
     handler = timed_handler(make_handler(deps, keyring, intercom=intercom_inbound), metrics, clock.now)
     worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher, handler=handler, clock=clock,
-                    idle_sleep=settings.WORKER_IDLE_SECONDS)
+                    idle_sleep=settings.WORKER_IDLE_SECONDS, retention=settings.retention())
     container = Container(settings=settings, clock=clock, db=db, keyring=keyring, renderer=renderer,
                           metrics=metrics, db_metrics=DatabaseCollector(db, clock, background=True), deps=deps,
                           recovery=recovery, dispatcher=dispatcher, worker=worker, senders=senders)

@@ -7,16 +7,17 @@ import time
 from datetime import timedelta
 
 from bot.logs import unit_of_work
-from recovery import heartbeats, inbox, limits
+from recovery import heartbeats, inbox, limits, retention as retention_mod
 from recovery.outbox import EMAIL_LANE, OTHER_LANE
 
 log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, *, db, recovery, dispatcher, handler, clock, idle_sleep: float = 0.2):
+    def __init__(self, *, db, recovery, dispatcher, handler, clock, idle_sleep: float = 0.2, retention=None):
         self.db, self.recovery, self.dispatcher = db, recovery, dispatcher
         self.handler, self.clock, self.idle_sleep = handler, clock, idle_sleep
+        self.retention = retention  # when given, the worker purges what is past it once a day
         self.stop_event = threading.Event()
         self.wake_event = threading.Event()
         self.mail_wake = threading.Event()
@@ -32,17 +33,21 @@ class Worker:
         self.wake_event.set()
 
     def _housekeeping(self) -> None:
-        """Say this worker is alive, now and then; and drop attempt counters older than a day, which
-        can limit nothing."""
+        """Now and then: say this worker is alive; drop attempt counters older than a day (they can limit
+        nothing); and run the daily purge when it is due (any worker may; the first to claim the day does)."""
         now = self.clock.now()
         if self._beat_at is None or now - self._beat_at >= heartbeats.INTERVAL:
             with self.db.transaction() as session:
                 heartbeats.beat(session, self.worker_id, now=now, started_at=self.started_at)
             self._beat_at = now
         if self._pruned_at is None or now - self._pruned_at >= timedelta(minutes=10):
+            self._pruned_at = now
             with self.db.transaction() as session:
                 limits.prune(session, now=now)
-            self._pruned_at = now
+            if self.retention is not None:
+                result = retention_mod.purge_if_due(self.db, self.retention, now)
+                if result is not None:
+                    log.info("daily purge: %s", ", ".join(f"{k} {n}" for k, n in result.counts.items()))
 
     def run_once(self, batch: int = 50, inbox_batch: int = 10, lane=None) -> int:
         """One pass over the three queues; returns how many items were handled. `lane` limits which

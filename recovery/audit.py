@@ -2,6 +2,11 @@
 
 Each record's hash covers its fields and the previous record's hash; `audit_head` keeps the newest
 id and hash, so editing, deleting or truncating records is found by `verify()`.
+
+Records are kept for good, so they hold no personal data: ids, states, actors (the customer, the owner,
+the system, an approver's id) and fixed reason codes. Text a person typed, such as an approver's reason
+for a denial, is kept with the case (and purged with its details); the record holds only its SHA-256,
+so the note can still be shown to match the record while it is kept.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from sqlalchemy.orm import Session
 from recovery.models import AuditHead, AuditRecord
 
 GENESIS = "0" * 64
+NO_CASE = "-"  # the case id of records about the system itself (a purge run, a key rotation)
 
 
 def _digest(prev_hash: str, fields: dict) -> str:
@@ -29,13 +35,24 @@ def _fields(rec: AuditRecord) -> dict:
             "at": rec.at.isoformat(timespec="microseconds")}
 
 
+def note_digest(note: str) -> str:
+    """What a record keeps of a typed note: `note sha256:<hex>`."""
+    return "note sha256:" + hashlib.sha256(note.encode()).hexdigest()
+
+
 def append(session: Session, *, case_id: str, event: str, from_state: str | None,
-           to_state: str | None, actor: str, channel: str, reason: str | None, at: datetime) -> None:
+           to_state: str | None, actor: str, channel: str, reason: str | None, at: datetime,
+           note: str | None = None) -> None:
     """Queue an audit record; it is chained and written when the transaction commits.
+
+    `reason` is a fixed code or phrase of ours; `note` is text a person typed, of which the record keeps
+    only the digest (see the module's docstring).
 
     Chaining needs one writer at a time. Doing it at commit keeps that lock to the last moment of the
     transaction, so concurrent decisions wait on each other for microseconds, not for whole requests.
     """
+    if note:
+        reason = f"{reason}; {note_digest(note)}" if reason else note_digest(note)
     session.info.setdefault(_PENDING, []).append(dict(
         case_id=case_id, event=event, from_state=from_state, to_state=to_state, actor=actor,
         channel=channel, reason=(reason or None) and reason[:1000], at=at))

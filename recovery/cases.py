@@ -84,8 +84,8 @@ class CaseService:
         return list(self.s.scalars(select(CaseCheck).where(CaseCheck.case_id == case.id).order_by(CaseCheck.id)))
 
     def _fire(self, case: Case, event: str, *, actor: str = "system", channel: str = "system",
-              reason: str | None = None) -> None:
-        machine.fire(self.s, case, event, actor=actor, channel=channel, now=self.now, reason=reason)
+              reason: str | None = None, note: str | None = None) -> None:
+        machine.fire(self.s, case, event, actor=actor, channel=channel, now=self.now, reason=reason, note=note)
         log.info("case %s: %s -> %s (%s)", case.id, event, case.state, actor)
 
     def _owner(self, case: Case):
@@ -315,12 +315,12 @@ class CaseService:
         self.s.add(Approval(case_id=case.id, approver=approver, decision="approve", security_group=in_security,
                             reason=reason, at=self.now))
         audit.append(self.s, case_id=case.id, event="approval", from_state=case.state, to_state=case.state,
-                     actor=approver, channel=channel, reason=reason, at=self.now)
+                     actor=approver, channel=channel, reason=None, note=reason, at=self.now)
         if not would_complete:
             self.notify.staff(case, "approval_recorded", approver=approver,
                               remaining=rule.approvals - len(previous) - 1)
             return case
-        self._fire(case, "approve", actor=approver, channel=channel, reason=reason)
+        self._fire(case, "approve", actor=approver, channel=channel, note=reason)
         timers.cancel(self.s, case.id, self.now)
         timers.schedule_in(self.s, case.id, "notice_window", self.now, hours=rule.notice_hours)
         profile = self._owner(case)
@@ -337,7 +337,7 @@ class CaseService:
             raise ApprovalRefused(case.id, approver, "reason_required", "a denial needs a reason")
         self.s.add(Approval(case_id=case.id, approver=approver, decision="deny", reason=reason[:1000], at=self.now,
                             security_group=approver in self.deps.security_approver_ids))
-        self._fire(case, "deny", actor=approver, channel=channel, reason=reason)
+        self._fire(case, "deny", actor=approver, channel=channel, note=reason)
         self._closed(case, "denied")
         return case
 

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from recovery.errors import ConfigError
 from recovery.policy import Policy
+from recovery.retention import Retention
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
 
@@ -27,6 +28,8 @@ class Settings(BaseSettings):
     PORT: int = Field(8000, ge=1, le=65535)
     PUBLIC_BASE_URL: str = "http://127.0.0.1:8000"
     SECRET_KEY: str = ""
+    # Older keys, still accepted for reading while `recoverybot keys rotate` moves everything to SECRET_KEY.
+    SECRET_KEY_PREVIOUS: CommaList = ()
 
     INTERCOM_ACCESS_TOKEN: str = ""
     INTERCOM_CLIENT_SECRET: str = ""
@@ -90,8 +93,16 @@ class Settings(BaseSettings):
     # How long an idle worker waits before looking for work again (seconds).
     WORKER_IDLE_SECONDS: float = Field(0.2, gt=0, le=60)
 
+    # Days each kind of personal data is kept once its case (or a conversation without one) is final;
+    # `recoverybot purge` and the worker's daily run remove what is older. See docs/security.md.
+    RETENTION_DAYS_TRANSCRIPTS: int = Field(90, ge=0, le=36500)
+    RETENTION_DAYS_DOCUMENTS: int = Field(30, ge=0, le=36500)
+    RETENTION_DAYS_EVENTS: int = Field(30, ge=0, le=36500)
+    RETENTION_DAYS_CASES: int = Field(365, ge=0, le=36500)
+
     @field_validator("SLACK_APPROVER_IDS", "SLACK_SECURITY_APPROVER_IDS", "LOCAL_APPROVERS",
-                     "LOCAL_SECURITY_APPROVERS", "INTERCOM_ADMIN_SLACK_IDS", mode="before")
+                     "LOCAL_SECURITY_APPROVERS", "INTERCOM_ADMIN_SLACK_IDS", "SECRET_KEY_PREVIOUS",
+                     mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
@@ -177,8 +188,22 @@ class Settings(BaseSettings):
                              "default (SQLite, no Slack, no Intercom)")
         if self.SECRET_KEY and len(self.SECRET_KEY) < 32:
             raise ValueError("SECRET_KEY must be at least 32 characters")
+        self._check_previous_keys()
         self.policy  # validates RISK_POLICY early
         return self
+
+    def _check_previous_keys(self) -> None:
+        for i, key in enumerate(self.SECRET_KEY_PREVIOUS, start=1):
+            if len(key) < 32:
+                raise ValueError(f"SECRET_KEY_PREVIOUS: key {i} of {len(self.SECRET_KEY_PREVIOUS)} is shorter "
+                                 "than 32 characters (keys are separated by commas)")
+            if self.SECRET_KEY and key == self.SECRET_KEY:
+                raise ValueError(f"SECRET_KEY_PREVIOUS: key {i} is SECRET_KEY itself; put the new key in "
+                                 "SECRET_KEY and the old one in SECRET_KEY_PREVIOUS")
+
+    def retention(self) -> Retention:
+        return Retention(transcripts=self.RETENTION_DAYS_TRANSCRIPTS, documents=self.RETENTION_DAYS_DOCUMENTS,
+                         events=self.RETENTION_DAYS_EVENTS, cases=self.RETENTION_DAYS_CASES)
 
     @property
     def is_embedded_default(self) -> bool:

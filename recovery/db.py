@@ -35,6 +35,9 @@ def make_engine(url: str, **kwargs) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            # Deleted rows are overwritten with zeros instead of lingering in free space, so purged
+            # personal data is gone from the file, not just unreachable.
+            cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -92,6 +95,20 @@ class Database:
 
     def upgrade(self) -> None:
         upgrade(self.url)
+
+    def scrub(self) -> None:
+        """After a purge on SQLite: move the write-ahead log into the database file and empty it, so no
+        copy of a purged page survives in the log (the file's own pages were zeroed by secure_delete).
+        PostgreSQL reclaims deleted rows itself (autovacuum)."""
+        if self.is_postgres:
+            return
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            cursor.close()
+        finally:
+            raw.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -71,17 +71,24 @@ def allowed(event: str, state: str) -> bool:
 
 
 def fire(session: Session, case: Case, event: str, *, actor: str, channel: str, now,
-         reason: str | None = None) -> State:
-    """Apply `event` to `case`; raise IllegalTransition (or ConcurrentChange) and change nothing."""
+         reason: str | None = None, note: str | None = None) -> State:
+    """Apply `event` to `case`; raise IllegalTransition (or ConcurrentChange) and change nothing.
+
+    `reason` is a fixed phrase of ours; `note` is text a person typed (an approver's reason). A final
+    state keeps either as the case's reason, but the audit record only gets the note's digest, since the
+    note may name people and is purged with the case's details.
+    """
     transition = _BY_EVENT.get(event)
     if transition is None or State(case.state) not in transition.sources:
         raise IllegalTransition(case.id, event, case.state)
     source = case.state
+    final = transition.target in FINAL
     result = session.execute(
         update(Case)
         .where(Case.id == case.id, Case.state == source, Case.version == case.version)
         .values(state=transition.target.value, version=Case.version + 1, updated_at=now,
-                final_reason=reason if transition.target in FINAL else Case.final_reason)
+                final_reason=(note or reason) if final else Case.final_reason,
+                closed_at=now if final else Case.closed_at)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
@@ -89,7 +96,8 @@ def fire(session: Session, case: Case, event: str, *, actor: str, channel: str, 
         raise ConcurrentChange(case.id, event, case.state)
     session.refresh(case)
     audit.append(session, case_id=case.id, event=event, from_state=source,
-                 to_state=transition.target.value, actor=actor, channel=channel, reason=reason, at=now)
+                 to_state=transition.target.value, actor=actor, channel=channel, reason=reason, note=note,
+                 at=now)
     return transition.target
 
 

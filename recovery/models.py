@@ -106,6 +106,10 @@ class Case(Base):
     version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = ts()
     updated_at: Mapped[datetime] = ts()
+    # When the case reached a final state: retention counts from here (recovery/retention.py).
+    closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), index=True)
+    # When `purge` blanked the case's personal details (account, conversation, free-text reasons).
+    details_purged_at: Mapped[datetime | None] = ts()
 
 
 class CaseCheck(Base):
@@ -227,6 +231,10 @@ class OutboxMessage(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = ts()
     sent_at: Mapped[datetime | None] = ts()
+    # What the message belongs to, read from its payload when queued, so retention can tell a message
+    # of an open case from one whose case is long closed without decrypting anything.
+    case_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    conversation_key: Mapped[str | None] = mapped_column(String(200), index=True)
 
 
 class Conversation(Base):
@@ -318,3 +326,33 @@ class WorkerHeartbeat(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = ts()
     beat_at: Mapped[datetime] = ts()
+
+
+# ---- retention and keys ---------------------------------------------------------------------------
+
+class PurgeRun(Base):
+    """One run of `purge` (by the CLI or the worker's daily run), with how much of each kind it removed.
+    The worker claims a run by inserting its row, so two workers do not purge on the same day."""
+    __tablename__ = "purge_runs"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    trigger: Mapped[str] = mapped_column(String(16))  # cli, worker
+    started_at: Mapped[datetime] = ts()
+    finished_at: Mapped[datetime | None] = ts()
+    transcripts: Mapped[int] = mapped_column(Integer, default=0)
+    documents: Mapped[int] = mapped_column(Integer, default=0)
+    events: Mapped[int] = mapped_column(Integer, default=0)
+    cases: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class KeyRotation(Base):
+    """A run of `keys rotate` towards the key named `key_id` (see recovery.crypto.key_id)."""
+    __tablename__ = "key_rotations"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(String(16), index=True)
+    started_at: Mapped[datetime] = ts()
+    finished_at: Mapped[datetime | None] = ts()
+    rekeyed: Mapped[int] = mapped_column(BigInteger, default=0)
+    unreadable: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Until when keyed values made under an older key stay live (email codes): the old key is needed
+    # until then. Null when none were live.
+    old_key_needed_until: Mapped[datetime | None] = ts()

@@ -64,7 +64,15 @@ def enqueue(session: Session, keyring: Keyring, *, kind: str, key: str, payload:
     if session.scalar(select(OutboxMessage.id).where(OutboxMessage.idempotency_key == key)):
         return
     session.add(OutboxMessage(kind=kind, idempotency_key=key, payload_enc=keyring.encrypt_json(payload),
-                              status="pending", attempts=0, next_attempt_at=now, created_at=now))
+                              status="pending", attempts=0, next_attempt_at=now, created_at=now,
+                              **belongs_to(payload)))
+
+
+def belongs_to(payload: dict) -> dict:
+    """The case and conversation a message is about, kept in the clear so retention can find them."""
+    context = payload.get("context") or {}
+    return {"case_id": payload.get("case_id") or context.get("case_id"),
+            "conversation_key": payload.get("conversation")}
 
 
 def backoff(attempts: int) -> float:

@@ -53,9 +53,14 @@ class AccountBackend:
         self.server.shutdown()
         self.server.server_close()
 
-    def add(self, record: dict, *, password: str) -> None:
+    def settings(self) -> dict:
+        """The settings that point the bot's `http` directory here."""
+        return {"ACCOUNT_DIRECTORY": "http", "ACCOUNT_API_URL": self.url, "ACCOUNT_API_TOKEN": TOKEN}
+
+    def add(self, record: dict, *, password: str | None = None) -> None:
         self.accounts[record["id"]] = record
-        self.passwords[record["id"]] = password
+        if password is not None:
+            self.passwords[record["id"]] = password
 
     # ---- the contract ---------------------------------------------------------------------------------
 
@@ -85,7 +90,8 @@ class AccountBackend:
         if (method, rest) == ("GET", ""):
             return 200, self.accounts[account_id]
         if (method, rest) == ("POST", "password/verify"):
-            return 200, {"ok": body.get("password") == self.passwords.get(account_id)}
+            known = self.passwords.get(account_id)
+            return 200, {"ok": known is not None and body.get("password") == known}
         if (method, rest) == ("POST", "2fa/replace"):
             self.factors[account_id] = {"secret": body["secret"], "last_step": body["step"],
                                         "recovery_code_hashes": list(body["recovery_code_hashes"])}

@@ -82,7 +82,7 @@ def test_check_outcomes_and_wrong_codes_count_only_when_committed(sqlite_url, ma
     text = generate_latest(c.metrics.registry).decode()
     assert 'recoverybot_verification_failures_total{reason="email_code_wrong"} 1.0' in text
     assert 'recoverybot_check_results_total{check="email_code",result="pass"} 1.0' in text
-    assert 'recoverybot_check_results_total{check="verified_session",result="fail"} 1.0' in text
+    assert 'recoverybot_check_results_total{check="verified_session",result="neutral"} 1.0' in text
     assert 'recoverybot_emails_total{result="sent",template="verification_code"} 1.0' in text
 
 

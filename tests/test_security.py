@@ -124,6 +124,17 @@ def bot_turn(chat: ChatClient, c, text: str) -> list[str]:
     return [m["text"] for m in chat.poll() if m["sender"] == "bot"]
 
 
+def recover_in_chat(chat: ChatClient, c, address: str = ALEX) -> tuple[str, str, list[str]]:
+    """Lost authenticator, the address, the emailed code, both account questions answered right: returns
+    the case id, the code and the bot's last replies."""
+    bot_turn(chat, c, "I lost my authenticator")
+    bot_turn(chat, c, address)
+    email_code = code_in(folder_mails(c, "verification_code", to=address)[-1])
+    bot_turn(chat, c, f"the code is {email_code}")
+    bot_turn(chat, c, "May 2023")
+    return case_of(c, chat), email_code, bot_turn(chat, c, "usdt")
+
+
 def case_of(c, chat: ChatClient) -> str | None:
     """The case a web-chat conversation is working on."""
     with c.db.transaction() as s:
@@ -821,14 +832,8 @@ def test_no_secret_is_stored_or_logged_in_plain_text(any_db_url, live, caplog):
     load_demo(c, alex_password=True)
     approver_app = enroll_approver(c, "carol")
 
-    chat = ChatClient(server.url)
-    bot_turn(chat, c, "I lost my authenticator")
-    bot_turn(chat, c, ALEX)
-    email_code = code_in(folder_mails(c, "verification_code", to=ALEX)[-1])
-    bot_turn(chat, c, f"the code is {email_code}")
-    bot_turn(chat, c, "May 2023")
-    assert "security team" in bot_turn(chat, c, "usdt")[0]
-    case_id = case_of(c, chat)
+    case_id, email_code, replies = recover_in_chat(ChatClient(server.url), c)
+    assert "security team" in replies[0]
     c.recovery.decide(case_id, approver="alice", decision="approve")
     c.worker.drain()
     link = link_in(last_mail(c, "enroll_link", case_id), "enroll")
