@@ -8,8 +8,8 @@
 
 For each mailer it starts the product itself, `recoverybot serve`, in a scratch folder (SQLite, accounts
 imported with `recoverybot accounts import`), with SMTP_URL pointing at a real SMTP server (aiosmtpd) run
-here that waits --smtp-delay seconds per message, like a slow relay; or with no SMTP_URL (the folder
-mailer). Then, one customer at a time, in a shuffled order of N registered and N unknown addresses, a new
+in a process of its own that waits --smtp-delay seconds per message, like a slow relay; or with no
+SMTP_URL (the folder mailer). Then, one customer at a time, in a shuffled order of N registered and N unknown addresses, a new
 chat session says "I lost my authenticator", waits for the bot to ask for an email, and posts the
 address; the sample is the time from that POST to the bot's reply being visible through the chat API
 (polled every --poll-interval). Every registered address belongs to its own account, so each start is a
@@ -45,29 +45,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve_smtp(port: int, delay: float, received) -> None:
+    """The SMTP server's own process: kept apart from the client measuring reply times, so its work
+    (parsing each message) never competes with the measurement, as a real mail relay would not."""
+    import asyncio
+
+    from aiosmtpd.controller import Controller
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            await asyncio.sleep(delay)
+            with received.get_lock():
+                received.value += 1
+            return "250 OK"
+
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    while True:
+        time.sleep(3600)
+
+
 class SlowSmtp:
-    """A real SMTP server that takes `delay` seconds to accept each message."""
+    """A real SMTP server (aiosmtpd, in a process of its own) that takes `delay` seconds per message."""
 
     def __init__(self, delay: float):
-        import asyncio
-
-        from aiosmtpd.controller import Controller
-
-        self.received = 0
-        outer = self
-
-        class Handler:
-            async def handle_DATA(self, server, session, envelope):
-                await asyncio.sleep(delay)
-                outer.received += 1
-                return "250 OK"
+        import multiprocessing
 
         self.port = free_port()
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
-        self.controller.start()
+        self._received = multiprocessing.Value("i", 0)
+        self.process = multiprocessing.Process(target=_serve_smtp, args=(self.port, delay, self._received),
+                                               daemon=True)
+        self.process.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("the SMTP server did not start")
+
+    @property
+    def received(self) -> int:
+        return self._received.value
 
     def stop(self):
-        self.controller.stop()
+        self.process.terminate()
+        self.process.join(5)
 
 
 def recoverybot(*args: str, env: dict, cwd: str) -> subprocess.CompletedProcess:

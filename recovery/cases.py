@@ -119,7 +119,7 @@ class CaseService:
         # Not being in a logged-in chat is no failure: most customers who lost their phone are not.
         self.set_check(case, "verified_session", PASS if verified else NEUTRAL,
                        {"note": "logged-in chat user" if verified else "not a logged-in chat user"})
-        self._send_code(case, first=True)
+        self._send_code(case, profile=None if refusal else profile)
         timers.schedule_in(self.s, case.id, "verifying_expiry", self.now, hours=self.policy.verifying_ttl_hours)
         if refusal is None:
             self.notify.email(case, "reset_requested", to=profile.email, locale=profile.locale,
@@ -169,7 +169,8 @@ class CaseService:
         return {"requested_at": self.now.isoformat(), "request_channel": channel,
                 "by_staff": opened_by != "customer"}
 
-    def _send_code(self, case: Case, *, first: bool = False) -> None:
+    def _send_code(self, case: Case, *, profile=...) -> None:
+        """Make, store (hashed) and email a new code; `profile` is the owner when the caller has it."""
         self.s.execute(update(EmailCode).where(EmailCode.case_id == case.id).values(superseded=True))
         code = new_email_code()
         expires = self.now + timedelta(minutes=self.policy.code_ttl_minutes)
@@ -180,7 +181,8 @@ class CaseService:
         # Only the newest code's expiry is news: the replaced code's timer would call a live code expired.
         timers.cancel(self.s, case.id, self.now, kinds=("code_expiry",))
         timers.schedule(self.s, case.id, "code_expiry", expires)
-        profile = self._owner(case)
+        if profile is ...:
+            profile = self._owner(case)
         # A stand-in case writes the same email, never sent: it has no account to send it to.
         self.notify.email(case, "verification_code", to=profile.email if profile else None,
                           locale=profile.locale if profile else case.locale,
