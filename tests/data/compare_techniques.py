@@ -208,7 +208,8 @@ def scikit_learn_techniques() -> dict:
                 return self.model.predict(self.tf.transform(self.dv.transform([features(text)])))[0]
         return Linear
 
-    return {"scikit-learn logistic regression (tf-idf, C=10)": linear(lambda: LogisticRegression(C=10, max_iter=3000)),
+    return {"scikit-learn logistic regression (tf-idf, C=10)":
+            linear(lambda: LogisticRegression(C=10, max_iter=3000)),
             "scikit-learn linear SVM (tf-idf, C=1)": linear(lambda: LinearSVC(C=1.0))}
 
 
@@ -240,14 +241,16 @@ def cross_validate(make, rows, k: int = 5) -> float:
 
 # ---- the chosen router, as the dialog sees it ---------------------------------------------------------
 
-def understood(model: NaiveBayes, text: str, margin: float = router.MIN_MARGIN):
-    """(intent, unsure, candidates) the dialog acts on outside a flow: a command first, else the router."""
+def understood(model: NaiveBayes, text: str, confidence: float = router.MIN_CONFIDENCE,
+               margin: float = router.MIN_MARGIN):
+    """(intent, unsure, candidates) the dialog acts on outside a flow: a command first, else the router
+    (with the given thresholds for being unsure)."""
     command = router.command(text)
     if command is not None:
         return command, False, (command,)
     r = model.route(text)
     gap = r.ranked[0][1] - (r.ranked[1][1] if len(r.ranked) > 1 else 0.0)
-    unsure = r.confidence == 0.0 or gap < margin
+    unsure = r.confidence == 0.0 or r.confidence < confidence or gap < margin
     return r.intent, unsure, r.candidates
 
 
@@ -261,21 +264,25 @@ def score(results) -> dict:
             "wrong_sure": sum(not u and i != g for g, i, u, _ in results) / n}
 
 
-def evaluate(model: NaiveBayes, rows, margin: float = router.MIN_MARGIN):
-    return [(g, *understood(model, t, margin), t, lang) for t, g, lang in rows]
+def evaluate(model: NaiveBayes, rows):
+    return [(g, *understood(model, t), t, lang) for t, g, lang in rows]
 
 
-def print_measurement(name: str, results, *, confusion: bool, misses: bool) -> None:
+def print_measurement(name: str, results, trained: set[str], *, confusion: bool, misses: bool) -> None:
     s = score([r[:4] for r in results])
     print(f"\n### {name}: {s['n']} messages\n")
     print(f"exact {s['exact']:.1%}; with clarify {s['with_clarify']:.1%}; router's top guess {s['top']:.1%}; "
-          f"asked {s['asked']:.1%}; wrong and sure {s['wrong_sure']:.1%}\n")
+          f"asked {s['asked']:.1%}; wrong and sure {s['wrong_sure']:.1%}")
+    unseen = score([r[:4] for r in results if normalize(r[4]) not in trained])
+    print(f"the {unseen['n']} not found verbatim in the training data: exact {unseen['exact']:.1%}; "
+          f"with clarify {unseen['with_clarify']:.1%}\n")
     print("| intent | exact | with clarify |\n|---|---|---|")
     for intent in INTENTS:
         rows = [r[:4] for r in results if r[0] == intent]
         if rows:
             t = score(rows)
-            print(f"| {intent} | {round(t['exact'] * t['n'])}/{t['n']} ({t['exact']:.0%}) | {t['with_clarify']:.0%} |")
+            right = round(t["exact"] * t["n"])
+            print(f"| {intent} | {right}/{t['n']} ({t['exact']:.0%}) | {t['with_clarify']:.0%} |")
     print("\n| language | exact | with clarify |\n|---|---|---|")
     for lang in sorted({r[5] for r in results}):
         t = score([r[:4] for r in results if r[5] == lang])
@@ -308,24 +315,25 @@ def timed(fn, repeat: int) -> float:
 
 
 def speed(train, messages) -> None:
-    """Training and per-message time of the chosen router against two baselines measured in this run:
-    the same naive Bayes on the previous features, and normalisation alone (the floor for any technique)."""
+    """Training (first use: reading intents.tsv included) and per-message time of the chosen router against
+    two baselines measured in this run: the same naive Bayes on the previous features, and normalisation
+    alone (the floor for any technique)."""
     texts = [t for t, _, _ in messages]
     chosen, plain = NaiveBayes(train), NaiveBayes(train, featurize=plain_features)
     rows = [
         ("normalise only (baseline)", None, lambda: [normalize(t) for t in texts]),
         ("naive Bayes, previous features (baseline)",
-         lambda: NaiveBayes(train, featurize=plain_features), lambda: [plain.route(t) for t in texts]),
-        ("naive Bayes + concepts (chosen)", lambda: NaiveBayes(train), lambda: [chosen.route(t) for t in texts]),
+         lambda: NaiveBayes(load(router.DATA), featurize=plain_features), lambda: [plain.route(t) for t in texts]),
+        ("naive Bayes + concepts (chosen)", lambda: NaiveBayes(load(router.DATA)),
+         lambda: [chosen.route(t) for t in texts]),
         ("command() then route(), as the dialog does", None,
          lambda: [router.command(t) or chosen.route(t) for t in texts]),
     ]
-    base_train = timed(rows[1][1], 7)
-    base_msg = timed(rows[1][2], 5) / len(texts)
-    print(f"\n| step | train | per message | vs previous features |\n|---|---|---|---|")
-    for name, build, route in rows:
-        trained = timed(build, 7) if build else None
-        each = timed(route, 5) / len(texts)
+    measured = [(name, timed(build, 7) if build else None, timed(route, 5) / len(texts))
+                for name, build, route in rows]
+    base_train, base_msg = measured[1][1], measured[1][2]
+    print("\n| step | train | per message | vs previous features |\n|---|---|---|---|")
+    for name, trained, each in measured:
         ratio = (f"train x{trained / base_train:.2f}, " if trained else "") + f"message x{each / base_msg:.2f}"
         print(f"| {name} | {f'{trained * 1000:.0f} ms' if trained else '-'} | {each * 1000:.3f} ms | {ratio} |")
     worst = max(timed(lambda t=t: router.command(t) or chosen.route(t), 3) for t in texts)
@@ -344,9 +352,11 @@ def main() -> None:
     techniques = dict(TECHNIQUES) | scikit_learn_techniques()
     if args.quick:
         techniques = {k: v for k, v in techniques.items() if "perceptron" not in k and "scikit" not in k}
+    set_b = load(SET_B) if args.final else None
     print("\nRouter's top guess (no commands, no clarifying), per technique:\n")
-    print("| technique | 5-fold CV (train) | set A | old set | train time | per message |")
-    print("|---|---|---|---|---|---|")
+    print("| technique | 5-fold CV (train) | set A | old set |" + (" set B |" if set_b else "")
+          + " train time | per message |")
+    print("|---|---|---|---|" + ("---|" if set_b else "") + "---|---|")
     for name, make in techniques.items():
         cv = cross_validate(make, train)
         start = time.perf_counter()
@@ -355,33 +365,37 @@ def main() -> None:
         start = time.perf_counter()
         acc_a = accuracy(model, set_a)
         each = (time.perf_counter() - start) / len(set_a)
-        print(f"| {name} | {cv:.1%} | {acc_a:.1%} | {accuracy(model, old):.1%} | {built * 1000:.0f} ms | "
+        acc_b = f" {accuracy(model, set_b):.1%} |" if set_b else ""
+        print(f"| {name} | {cv:.1%} | {acc_a:.1%} | {accuracy(model, old):.1%} |{acc_b} {built * 1000:.0f} ms | "
               f"{each * 1000:.2f} ms |", flush=True)
 
     print("\nNaive Bayes smoothing (5-fold CV on train):",
           ", ".join(f"alpha={a}: {cross_validate(lambda r, a=a: Bayes(r, a), train):.1%}"
                     for a in (0.03, 0.1, 0.3, 1.0)))
 
-    print("\nUnsure margin, 5-fold CV on train, as the dialog sees it (cost: a wrong answer 2, a question 1):\n")
-    print("| unsure below margin | asked | exact | with clarify | wrong and sure | cost per 100 |")
-    print("|---|---|---|---|---|---|")
+    print("\nWhen to be unsure, 5-fold CV on train, as the dialog sees it (cost: a wrong answer 2, a question 1):\n")
+    print("| unsure below confidence | or below margin | asked | exact | with clarify | wrong and sure "
+          "| cost per 100 |")
+    print("|---|---|---|---|---|---|---|")
     cv_routed = [(t, g, lang, m) for rest, part in cv_splits(train) for m in [NaiveBayes(rest)]
                  for t, g, lang in part]
     best = None
-    for margin in (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5):
-        s = score([(g, *understood(m, t, margin)) for t, g, _, m in cv_routed])
-        cost = 100 * (2 * s["wrong_sure"] + s["asked"])
-        best = min(best or (cost, margin), (cost, margin))
-        mark = " (chosen)" if margin == router.MIN_MARGIN else ""
-        print(f"| {margin}{mark} | {s['asked']:.1%} | {s['exact']:.1%} | {s['with_clarify']:.1%} | "
-              f"{s['wrong_sure']:.1%} | {cost:.1f} |")
-    print(f"\nlowest cost at margin {best[1]} ({best[0]:.1f}); router.MIN_MARGIN = {router.MIN_MARGIN}")
+    for confidence in (0.0, 0.4, 0.5, 0.6, 0.7):
+        for margin in (0.0, 0.1, 0.2, 0.3, 0.5):
+            s = score([(g, *understood(m, t, confidence, margin)) for t, g, _, m in cv_routed])
+            cost = 100 * (2 * s["wrong_sure"] + s["asked"])
+            best = min(best or (cost, confidence, margin), (cost, confidence, margin))
+            chosen = (confidence, margin) == (router.MIN_CONFIDENCE, router.MIN_MARGIN)
+            print(f"| {confidence} | {margin}{' (chosen)' if chosen else ''} | {s['asked']:.1%} | {s['exact']:.1%} | "
+                  f"{s['with_clarify']:.1%} | {s['wrong_sure']:.1%} | {cost:.1f} |")
+    print(f"\nlowest cost at confidence {best[1]}, margin {best[2]} ({best[0]:.1f}); "
+          f"router: MIN_CONFIDENCE = {router.MIN_CONFIDENCE}, MIN_MARGIN = {router.MIN_MARGIN}")
 
-    model = NaiveBayes(train)
-    print_measurement("Set A (development)", evaluate(model, set_a), confusion=False, misses=True)
-    print_measurement("Old held-apart set", evaluate(model, old), confusion=False, misses=True)
+    model, trained = NaiveBayes(train), {normalize(t) for t, _, _ in train}
+    print_measurement("Set A (development)", evaluate(model, set_a), trained, confusion=False, misses=True)
+    print_measurement("Old held-apart set", evaluate(model, old), trained, confusion=False, misses=True)
     if args.final:
-        print_measurement("Set B (final test)", evaluate(model, load(SET_B)), confusion=True, misses=False)
+        print_measurement("Set B (final test)", evaluate(model, set_b), trained, confusion=True, misses=False)
     if not args.quick:
         speed(train, set_a)
 
