@@ -151,15 +151,27 @@ def concepts(norm: str) -> list[str]:
 
 
 def features(text: str) -> Counter:
-    """Words (counted twice: a whole word is stronger evidence than its pieces) and word pairs, character
-    3-4-grams of Latin words other than function words (typo-tolerant), characters and character pairs of
-    Chinese runs (which have no word breaks), and concepts, alone and in pairs."""
-    out: Counter = Counter()
+    """The text's words, n-grams and Chinese characters (text_features), and its concepts, alone and in
+    pairs."""
     norm = normalize(text)
+    out = text_features(norm)
+    found = concepts(norm)
+    for name in found:
+        out["c:" + name] += CONCEPT_WEIGHT
+    for a, b in combinations(found, 2):
+        out[f"c:{a}+{b}"] += CONCEPT_WEIGHT
+    return out
+
+
+def text_features(norm: str, plain: frozenset[str] = FUNCTION_WORDS) -> Counter:
+    """Words (counted twice: a whole word is stronger evidence than its pieces) and word pairs, character
+    3-4-grams of Latin words other than those in `plain` (typo-tolerant), characters and character pairs of
+    Chinese runs (which have no word breaks)."""
+    out: Counter = Counter()
     words = _LATIN.findall(norm)
     for word in words:
         out["w:" + word] += 2
-        if word in FUNCTION_WORDS:
+        if word in plain:
             continue
         padded = f"<{word}>"
         for n in (3, 4):
@@ -169,11 +181,6 @@ def features(text: str) -> Counter:
         padded = f"<{run}>"
         out.update(run)
         out.update(padded[i:i + 2] for i in range(len(padded) - 1))
-    found = concepts(norm)
-    for name in found:
-        out["c:" + name] += CONCEPT_WEIGHT
-    for a, b in combinations(found, 2):
-        out[f"c:{a}+{b}"] += CONCEPT_WEIGHT
     return out
 
 

@@ -18,9 +18,11 @@ SET_B = DATA / "intents_eval_b.tsv"  # the final test set: scored, never studied
 OLD = DATA / "intents_heldout.tsv"  # the first held-apart set (15 of the 17 intents)
 
 # Exact accuracy as the dialog sees a message outside a flow (a command first, else the router; a
-# clarifying question gets no credit). Pinned just under what docs/intents.md reports, so that a change
-# that loses a few messages fails here.
-REQUIRED = {SET_B: 0.95, SET_A: 0.95, OLD: 0.94}
+# clarifying question gets no credit), on the whole set and on the messages not found verbatim in the
+# training data. Pinned just under what docs/intents.md reports (B: 429/450 and 398/419), so that a
+# change that loses a message or two fails here.
+REQUIRED = {SET_B: 0.95, SET_A: 0.955, OLD: 0.95}
+REQUIRED_UNSEEN = {SET_B: 0.945, SET_A: 0.95, OLD: 0.95}
 
 
 def understood(text: str) -> str | None:

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from recovery import router
-from recovery.router import _HAN, _LATIN, INTENTS, NaiveBayes, features, load, normalize
+from recovery.router import INTENTS, NaiveBayes, features, load, normalize, text_features
 
 HERE = Path(__file__).parent
 SET_A = HERE / "intents_eval_a.tsv"
@@ -88,20 +88,7 @@ class Keywords:
 def plain_features(text: str) -> Counter:
     """The router's features before the concepts were added (issue 8): words, word pairs, character
     3-4-grams of every Latin word, Chinese characters and character pairs."""
-    out: Counter = Counter()
-    norm = normalize(text)
-    words = _LATIN.findall(norm)
-    for word in words:
-        out["w:" + word] += 2
-        padded = f"<{word}>"
-        for n in (3, 4):
-            out.update(padded[i:i + n] for i in range(len(padded) - n + 1))
-    out.update(f"b:{a}_{b}" for a, b in zip(words, words[1:]))
-    for run in _HAN.findall(norm):
-        padded = f"<{run}>"
-        out.update(run)
-        out.update(padded[i:i + 2] for i in range(len(padded) - 1))
-    return out
+    return text_features(normalize(text), plain=frozenset())
 
 
 class NearestNeighbour:
