@@ -30,7 +30,7 @@ from recovery.outbox import Dispatcher
 from tests.conftest import PG_ADMIN_URL, SECRET, ChatClient, Mailbox, free_port
 
 RECOVERYBOT = str(Path(sys.executable).parent / "recoverybot")
-MAIL_DOMAIN = "localhost"  # from the default MAIL_FROM, "Recovery Bot <no-reply@localhost>"
+MAIL_DOMAIN = "localhost"  # from the default MAIL_FROM, "<BRAND_NAME> <no-reply@localhost>"
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
