@@ -223,3 +223,12 @@ def test_the_slack_card_puts_each_fact_on_its_own_line(make_container, sqlite_ur
     summary = next(t for t in sections if t.startswith("*Case*")).splitlines()
     assert len(summary) == 2 and summary[1].startswith("*Opened*")
     assert not any(":x:" in t for t in sections)
+
+
+def test_the_scripted_recovery_stays_within_the_effort_target():
+    """benchmarks/customer_effort.py's scripted recovery, in Traditional Chinese, completes in at most
+    5 messages, 1 link opened and 2 form submits (the benchmark runs both languages)."""
+    from benchmarks.customer_effort import TARGET, recover
+    effort = recover("zh-TW")
+    assert (effort.messages, effort.links, effort.submits) == (5, 1, 2)
+    assert effort.over_target() == [] and TARGET == {"messages": 5, "links": 1, "submits": 2}
