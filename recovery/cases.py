@@ -125,18 +125,21 @@ class CaseService:
         if refusal is None:
             self.notify.email(case, "reset_requested", to=profile.email, locale=profile.locale,
                               account_id=profile.id, **self._request_context(opened_by, channel, request_ip))
-        elif refusal == "unknown_email" or not self._owner_notice_due(profile):
-            # Nobody to tell (or told recently): the same work as a notice, never sent.
+            return case
+        context = dict(self._request_context(opened_by, channel, request_ip), reason=refusal,
+                       open_case_id=open_case.id if open_case else None,
+                       resets_at=resets_at.isoformat() if resets_at else None,
+                       max_cases=self.policy.max_cases_per_30_days)
+        if open_case is not None:
+            context["cancel_url"] = self.notify.cancel_url(open_case, profile.id)
+        if refusal == "unknown_email" or not self._owner_notice_due(profile):
+            # Nobody to tell (or told recently): the same work as a notice, from the same context (one
+            # that failed to render would be retried, and the delay would tell), never sent.
             self.notify.email(case, "start_refused", to=None, locale=locale, account_id=None, with_cancel=False,
-                              send=False, reason=refusal)
+                              send=False, **context)
         else:
-            context = dict(self._request_context(opened_by, channel, request_ip), reason=refusal,
-                           open_case_id=open_case.id if open_case else None,
-                           resets_at=resets_at.isoformat() if resets_at else None,
-                           max_cases=self.policy.max_cases_per_30_days)
-            cancel = {"cancel_url": self.notify.cancel_url(open_case, profile.id)} if open_case else {}
             self.notify.email(case, "start_refused", to=profile.email, locale=profile.locale,
-                              account_id=profile.id, with_cancel=False, **context, **cancel)
+                              account_id=profile.id, with_cancel=False, **context)
         return case
 
     def _start_refusal(self, profile) -> tuple[str | None, Case | None, object]:

@@ -34,17 +34,21 @@ log = logging.getLogger(__name__)
 CJK = re.compile(r"[\u3400-\u9fff]")
 LATIN_WORD = re.compile(r"[A-Za-z]{2,}")
 RESEND = re.compile(r"resend|again|重寄|重新|再寄", re.I)
+SEND_TO = re.compile(r"\b(?:send|mail|e-?mail (?:it|the)|forward|to)\b|寄|給|轉", re.I)
 
 SEVERE = ("recovery_phrase", "private_key", "recovery_code", "password")  # warned about, turn ends
 MENU = ("lost_authenticator", "what_is_2fa", "code_rejected", "new_phone")
 # Each intent's quick-reply button (template block btn_<key>); its label routes back to the intent.
-BUTTON = {"start_recovery": "lost_authenticator", "cancel": "cancel_request", "dispute": "dispute"} | {
+BUTTON = {"start_recovery": "lost_authenticator", "cancel": "cancel_request"} | {
     i: i for i in router.TOPICS + ("talk_to_person", "case_status")}
+# What a clarifying question may offer: the router's intents' buttons, and the dialog's own dispute
+# button (recovery/stages.py recognises its label, whatever the router makes of it).
+OFFER = BUTTON | {"dispute": "dispute"}
 # A scam report or a disputed request is answered even when the message also asks for a person: the
 # answer tells them how to stop it now, which a queue for a person cannot.
 URGENT = ("dispute", "safety")
 # What a customer may ask about while the bot waits for the emailed code: answered, then reminded.
-ASIDES = router.TOPICS + ("greeting", "dispute", "thanks", "case_status")
+ASIDES = router.TOPICS + ("dispute", "thanks", "case_status")
 FOLLOW_UPS = {
     "what_is_2fa": ("why_2fa", "enable_2fa"),
     "why_2fa": ("enable_2fa", "safety"),
@@ -265,7 +269,7 @@ class Dialog:
                 self._handover(conv, "bot_unsure")
             return
         self._remember(conv, unsure=misses)
-        offered = [BUTTON[i] for i in routing.candidates if i in BUTTON and i != "talk_to_person"][:3]
+        offered = [OFFER[i] for i in routing.candidates if i in OFFER and i != "talk_to_person"][:3]
         self.say(conv, "clarify", *(offered or MENU[:2]), "talk_to_person")
 
     @staticmethod
@@ -355,6 +359,17 @@ class Dialog:
                    verified_account_id=msg.verified_account_id, ip=msg.ip)
 
     @staticmethod
+    def _another_address(text: str) -> bool:
+        """An address typed on its own ("alex@example.com", "sorry, it's alex@example.com") is a new
+        address to try; one inside a request to mail something there ("send it to ...") is not: codes
+        and links only ever go to the address on file."""
+        found = EMAIL.search(text)
+        if found is None:
+            return False
+        rest = text[:found.start()] + " " + text[found.end():]
+        return len(rest.split()) <= 3 and not SEND_TO.search(rest)
+
+    @staticmethod
     def _emails_left(conv: Conversation) -> int:
         return stages.MAX_EMAILS - (conv.data or {}).get("emails", 0)
 
@@ -378,9 +393,6 @@ class Dialog:
 
     def _code(self, conv: Conversation, msg: Incoming, text: str) -> None:
         case = self._current_case(conv)
-        if EMAIL.search(text):  # a different address: the first one was mistyped, or not the one on file
-            self._change_email(conv, msg, text)
-            return
         if RESEND.search(text):
             try:
                 self.cases.resend_code(case.id)
@@ -389,6 +401,9 @@ class Dialog:
                 self.say(conv, "resend_limit")
             return
         match = CODE.search(text)
+        if not match and self._another_address(text):
+            self._change_email(conv, msg, text)  # the first one was mistyped, or not the one on file
+            return
         if not match:
             routing = router.route(text)
             if not routing.unsure and routing.intent in ASIDES:
