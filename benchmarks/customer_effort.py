@@ -37,8 +37,6 @@ from bot.wiring import build  # noqa: E402
 from recovery import db as dbmod  # noqa: E402
 from recovery.config import load_settings  # noqa: E402
 
-logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request would bury the figures
-
 TARGET = {"messages": 5, "links": 1, "submits": 2}
 PASSWORD = "correct horse battery"  # the demo account's password (recovery/directory/demo.py)
 SCRIPT = {  # what an honest customer types, in each language
@@ -172,6 +170,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request would bury the figures
     results = [recover(locale) for locale in SCRIPT]
     print(f"{'language':<8} {'messages':>9} {'links':>6} {'submits':>8}   ratio to target (5 / 1 / 2)")
     for e in results:
