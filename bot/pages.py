@@ -20,7 +20,7 @@ def _c():
 
 def _lang(default: str = "en") -> str:
     lang = request.args.get("lang") or request.form.get("lang")
-    return lang if lang in ("en", "zh-TW") else default
+    return lang if lang in _c().renderer.locales else default
 
 
 def _link_error(exc: TokenError, locale: str):
@@ -30,7 +30,8 @@ def _link_error(exc: TokenError, locale: str):
 def _setup_page(view, locale: str, error: str | None = None, status: int = 200, **extra):
     qr = segno.make(view.uri, error="m").svg_inline(scale=5, dark="#1b1f24")
     key = " ".join(view.secret[i:i + 4] for i in range(0, len(view.secret), 4))
-    return _c().renderer.page("enroll_setup", locale, qr_svg=qr, setup_key=key, error=error, **extra), status
+    return _c().renderer.page("enroll_setup", locale, qr_svg=qr, setup_key=key, otpauth=view.uri, error=error,
+                              **extra), status
 
 
 COOKIE = "rb_enroll"
@@ -65,7 +66,7 @@ def enroll(token: str):
             return _with_browser_cookie(_setup_page(view, locale), browser)
         if step == "confirm":
             codes = c.recovery.confirm_enroll(token, request.form.get("code", ""), browser)
-            return c.renderer.page("enroll_done", locale, codes=codes)
+            return c.renderer.page("enroll_done", locale, codes=codes, hold_until=view.hold_until)
     except TokenError as exc:
         return _link_error(exc, locale)
     except WrongPassword:

@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 from bot import csp, logs, pages, webchat
 from bot.health import readiness
 from bot.http import ApiError
+from bot.webchat import request_locale
 from bot.intercom import webhook as intercom_webhook
 from bot.metrics import CONTENT_TYPE, Exposition, authorized
 
@@ -103,7 +104,8 @@ def create_app(container) -> Flask:
             message = (f"the request body may be at most {MAX_BODY // 1024} KiB" if exc.code == 413
                        else exc.description)
             return jsonify(error=exc.name.lower().replace(" ", "_"), message=message), exc.code, headers
-        return container.renderer.page("error", "en", status=exc.code, title=exc.name), exc.code, headers
+        return (container.renderer.page("error", request_locale(container.renderer), status=exc.code),
+                exc.code, headers)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
@@ -112,6 +114,6 @@ def create_app(container) -> Flask:
         log.exception("unhandled error on %s %s", request.method, route)
         if wants_json():
             return jsonify(error="internal_error", message="something went wrong; it was logged"), 500
-        return container.renderer.page("error", "en", status=500, title="Internal error"), 500
+        return container.renderer.page("error", request_locale(container.renderer), status=500), 500
 
     return app

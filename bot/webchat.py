@@ -10,12 +10,12 @@ import re
 import secrets
 import uuid
 
+from babel import Locale
 from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from bot.http import ApiError, json_body, storable_text
-from bot.templates import pick_locale
 from recovery import inbox
 from recovery.redact import redact_text
 from recovery.models import ChatMessage, ChatSession
@@ -37,11 +37,26 @@ def _message_json(m: ChatMessage) -> dict:
     return {"seq": m.seq, "sender": m.sender, "text": m.text, "buttons": m.buttons or []}
 
 
+# What a language link posts to switch the bot's replies too (the router knows these words).
+LANGUAGE_SWITCH = {"en": "English", "zh-TW": "中文"}
+
+
+def request_locale(renderer) -> str:
+    """The page's language: ?lang= when given, else the browser's preference among those offered."""
+    asked = request.args.get("lang")
+    if asked:
+        return renderer.pick(asked)
+    offered = list(renderer.locales) + [loc.split("-")[0] for loc in renderer.locales]
+    return renderer.pick(request.accept_languages.best_match(offered) or "en")
+
+
 @bp.get("/chat")
 def page():
     c = _c()
-    locale = pick_locale(request.accept_languages.best_match(["en", "zh-TW", "zh"]) or "en")
-    return c.renderer.page("chat", locale)
+    names = {loc: Locale.parse(loc.replace("-", "_")).get_display_name(loc.replace("-", "_"))
+             for loc in c.renderer.locales}
+    return c.renderer.page("chat", request_locale(c.renderer), language_names=names,
+                           language_switch=LANGUAGE_SWITCH)
 
 
 @bp.post("/chat/api/sessions")
@@ -51,7 +66,7 @@ def create_session():
     locale = body.get("locale", "en")
     if not isinstance(locale, str):
         raise ApiError(400, "bad_locale", "locale must be a string such as 'en' or 'zh-TW'")
-    locale = pick_locale(locale)
+    locale = c.renderer.pick(locale)
     session_id = secrets.token_urlsafe(18)
     now = c.clock.now()
     with c.db.transaction() as s:

@@ -94,7 +94,8 @@ class CaseService:
     # ---- opening and the email code ------------------------------------------------------------
 
     def open(self, *, conversation_key: str, channel: str, email: str, locale: str,
-             opened_by: str = "customer", verified_account_id: str | None = None) -> Case:
+             opened_by: str = "customer", verified_account_id: str | None = None,
+             request_ip: str | None = None) -> Case:
         """Open a case for the account registered under `email`.
 
         The customer sees the same thing, at the same speed, whether or not the address is registered
@@ -123,19 +124,22 @@ class CaseService:
         timers.schedule_in(self.s, case.id, "verifying_expiry", self.now, hours=self.policy.verifying_ttl_hours)
         if refusal is None:
             self.notify.email(case, "reset_requested", to=profile.email, locale=profile.locale,
-                              account_id=profile.id, **self._request_context(opened_by, channel))
-        elif refusal == "unknown_email" or not self._owner_notice_due(profile):
-            # Nobody to tell (or told recently): the same work as a notice, never sent.
+                              account_id=profile.id, **self._request_context(opened_by, channel, request_ip))
+            return case
+        context = dict(self._request_context(opened_by, channel, request_ip), reason=refusal,
+                       open_case_id=open_case.id if open_case else None,
+                       resets_at=resets_at.isoformat() if resets_at else None,
+                       max_cases=self.policy.max_cases_per_30_days)
+        if open_case is not None:
+            context["cancel_url"] = self.notify.cancel_url(open_case, profile.id)
+        if refusal == "unknown_email" or not self._owner_notice_due(profile):
+            # Nobody to tell (or told recently): the same work as a notice, from the same context (one
+            # that failed to render would be retried, and the delay would tell), never sent.
             self.notify.email(case, "start_refused", to=None, locale=locale, account_id=None, with_cancel=False,
-                              send=False, reason=refusal)
+                              send=False, **context)
         else:
-            context = dict(self._request_context(opened_by, channel), reason=refusal,
-                           open_case_id=open_case.id if open_case else None,
-                           resets_at=resets_at.isoformat() if resets_at else None,
-                           max_cases=self.policy.max_cases_per_30_days)
-            cancel = {"cancel_url": self.notify.cancel_url(open_case, profile.id)} if open_case else {}
             self.notify.email(case, "start_refused", to=profile.email, locale=profile.locale,
-                              account_id=profile.id, with_cancel=False, **context, **cancel)
+                              account_id=profile.id, with_cancel=False, **context)
         return case
 
     def _start_refusal(self, profile) -> tuple[str | None, Case | None, object]:
@@ -164,10 +168,11 @@ class CaseService:
         return limits.allow(self.s, f"owner_notice:{profile.id}", now=self.now, limit=1,
                             window=timedelta(hours=OWNER_NOTICE_HOURS))
 
-    def _request_context(self, opened_by: str, channel: str) -> dict:
-        """What a security notice says about the request: when, where, and who started it."""
+    def _request_context(self, opened_by: str, channel: str, ip: str | None) -> dict:
+        """What a security notice says about the request: when, where, who started it, and from which
+        network address (where the channel knows it; the web chat does)."""
         return {"requested_at": self.now.isoformat(), "request_channel": channel,
-                "by_staff": opened_by != "customer"}
+                "by_staff": opened_by != "customer", "request_ip": ip}
 
     def _send_code(self, case: Case, *, profile=...) -> None:
         """Make, store (hashed) and email a new code; `profile` is the owner when the caller has it."""
@@ -328,8 +333,10 @@ class CaseService:
         profile = self._owner(case)
         self.notify.email(case, "approved", to=profile.email, locale=profile.locale, account_id=profile.id,
                           notice_hours=rule.notice_hours, hold_hours=rule.hold_hours)
-        self.notify.chat(case, case.conversation_id, "case_approved", locale=case.locale,
-                         notice_hours=rule.notice_hours)
+        if rule.notice_hours:
+            # Without a notice window the link follows at once, and its own message says it is approved.
+            self.notify.chat(case, case.conversation_id, "case_approved", locale=case.locale,
+                             notice_hours=rule.notice_hours, hold_hours=rule.hold_hours)
         self.notify.staff(case, "approved", approver=approver)
         return case
 

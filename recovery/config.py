@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from email.utils import formataddr
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -60,7 +61,9 @@ class Settings(BaseSettings):
     SLACK_ENTERPRISE_ID: str = ""
 
     SMTP_URL: str = ""
-    MAIL_FROM: str = "Recovery Bot <no-reply@localhost>"
+    # The sender of every email. Unset, it is the brand at no-reply@localhost: customers see the exchange's
+    # name, never this software's.
+    MAIL_FROM: str = ""
     MAIL_OUTBOX_DIR: str = "var/mail"
 
     ACCOUNT_DIRECTORY: Literal["embedded", "http"] = "embedded"
@@ -159,6 +162,8 @@ class Settings(BaseSettings):
             # Links in emails must reach this server: follow PORT (and HOST) unless told otherwise.
             host = "127.0.0.1" if self.HOST in ("0.0.0.0", "::", "") else self.HOST
             self.PUBLIC_BASE_URL = f"http://{host}:{self.PORT}"
+        if not self.MAIL_FROM.strip():
+            self.MAIL_FROM = formataddr((self.BRAND_NAME, "no-reply@localhost"))
         if self.ACCOUNT_DIRECTORY == "http" and not self.ACCOUNT_API_URL:
             raise ValueError("ACCOUNT_DIRECTORY=http needs ACCOUNT_API_URL")
         if self.slack_enabled:

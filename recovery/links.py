@@ -35,6 +35,7 @@ class EnrollView:
     secret: str | None = None
     uri: str | None = None
     ask_password: bool = False
+    hold_until: datetime | None = None  # the withdrawal hold placed when the link was sent
 
 
 @dataclass
@@ -129,11 +130,12 @@ class LinkService(CaseService):
         profile = self._owner(case)
         if row.browser_hash is None:
             return EnrollView("start", case.id, profile.email, profile.locale,
-                              ask_password=self.directory.supports_password)
+                              ask_password=self.directory.supports_password, hold_until=case.hold_until)
         self._same_browser(row, browser)
         secret = self.deps.keyring.decrypt(row.pending_secret_enc)
         return EnrollView("setup", case.id, profile.email, profile.locale, secret,
-                          totp.provisioning_uri(secret, name=profile.email, issuer=self.deps.brand_name))
+                          totp.provisioning_uri(secret, name=profile.email, issuer=self.deps.brand_name),
+                          hold_until=case.hold_until)
 
     def _same_browser(self, row: LinkToken, browser: str | None) -> None:
         if not browser or not hmac.compare_digest(token_hash(browser), row.browser_hash or ""):

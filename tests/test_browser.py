@@ -1,8 +1,11 @@
 """The customer's pages in a real headless Chromium: the web chat at /chat, the enroll and cancel pages
-and the error pages, each checked for Content-Security-Policy violations as it is used.
+and the error pages, each checked for Content-Security-Policy violations as it is used, and checked by
+axe-core for accessibility (0 serious or critical violations) at desktop and phone widths, in both languages.
 
 Chromium is Debian's package at /usr/bin/chromium, driven through Playwright's sync API with flags that
 keep it from calling out; Playwright's own browser download is never used (.ci/run installs Chromium).
+axe-core is the npm package pinned by package-lock.json (.ci/run runs `npm ci`); it is evaluated in the
+page through the DevTools protocol, which the page's own Content-Security-Policy does not govern.
 """
 from __future__ import annotations
 
@@ -15,8 +18,11 @@ from urllib.parse import urlsplit
 
 import pyotp
 import pytest
+import requests
+from sqlalchemy import select
 
 from tests.conftest import ChatClient, code_in, link_in
+from recovery.models import Case
 from tests.helpers import load_demo
 
 pytestmark = pytest.mark.browser
@@ -26,6 +32,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PASSWORD = "correct horse battery"  # alex@example.com's demo password
 WAIT_MS = 10_000
+AXE = Path(__file__).parent.parent / "node_modules" / "axe-core" / "axe.min.js"
+DESKTOP, PHONE = {"width": 1280, "height": 900}, {"width": 390, "height": 844}
 
 
 def _missing(reason: str):
@@ -58,10 +66,40 @@ document.addEventListener("securitypolicyviolation", function (e) {
 """
 
 
+@pytest.fixture(scope="module")
+def axe_source() -> str:
+    if not AXE.exists():
+        _missing(f"{AXE} is missing (run `npm ci` in the repository)")
+    return AXE.read_text()
+
+
+def axe(page, source: str, where: str) -> int:
+    """Run axe-core on the page as it stands; fail on any serious or critical violation. Returns how
+    many rules axe checked, so a caller can see it really ran."""
+    if not page.evaluate("typeof window.axe !== 'undefined'"):
+        page.evaluate(source)
+    result = page.evaluate("""async () => {
+        const r = await axe.run(document, {resultTypes: ["violations", "passes"]});
+        return {checked: r.passes.length + r.violations.length,
+                bad: r.violations.filter(v => v.impact === "serious" || v.impact === "critical")
+                      .map(v => v.id + " (" + v.impact + "): " + v.nodes.map(n => n.target.join(" ")).join(", "))};
+    }""")
+    assert result["bad"] == [], f"axe on {where}: {result['bad']}"
+    assert result["checked"] > 10, where
+    return result["checked"]
+
+
+def axe_both_widths(page, source: str, where: str) -> None:
+    """axe at the current width, then at the other one (desktop or phone), leaving the page at desktop."""
+    for size in (PHONE, DESKTOP):
+        page.set_viewport_size(size)
+        axe(page, source, f"{where} at {size['width']} px")
+
+
 @pytest.fixture
 def page(browser):
     """A fresh page; the test fails if any page it opened broke the Content-Security-Policy."""
-    context = browser.new_context(viewport={"width": 900, "height": 900}, locale="en-US")
+    context = browser.new_context(viewport=DESKTOP, locale="en-US", accept_downloads=True)
     context.set_default_timeout(WAIT_MS)
     violations: list[str] = []
     context.expose_function("cspViolation", lambda text: violations.append(text))
@@ -92,7 +130,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def _bot_says(page, text: str):
     """Wait until a bot bubble containing `text` is on the page, and return it."""
-    bubble = page.locator(".msg.bot span", has_text=text)
+    bubble = page.locator(".msg.bot .bubble", has_text=text)
     bubble.first.wait_for(state="visible")
     return bubble.first
 
@@ -102,9 +140,12 @@ def _type(page, text: str) -> None:
     page.click("#send")
 
 
-def test_chat_page_takes_a_customer_to_awaiting_approval(sqlite_url, live, smtp, page, tmp_path):
-    """A customer clicks the quick button, types email, emailed code and two facts, and is told the
-    security team has the request, which is then awaiting approval in the database."""
+def test_chat_page_survives_a_reload_and_takes_a_customer_to_awaiting_approval(sqlite_url, live, smtp, page,
+                                                                              axe_source, tmp_path):
+    """A customer taps the quick button, types their email, reloads the page (and opens a new tab) in the
+    middle and finds the same conversation, types the emailed code and two facts, and is told when to
+    expect a decision; switching language turns the page's labels and the bot's replies to Chinese. The
+    page is accessible (a labelled input, a live log, landmarks) at both widths in both languages."""
     smtp_url, mailbox = smtp
     server = live(sqlite_url, SMTP_URL=smtp_url)
     c = server.container
@@ -114,13 +155,26 @@ def test_chat_page_takes_a_customer_to_awaiting_approval(sqlite_url, live, smtp,
     page.goto(f"{server.url}/chat")
     assert page.title().startswith("Support chat")
     _bot_says(page, "2FA assistant")
+    assert page.get_by_label("Your message").count() == 1
+    assert page.locator("[role=log][aria-live=polite]").count() == 1 and page.locator("main h1 a").count() == 0
+    axe_both_widths(page, axe_source, "chat (en)")
     page.get_by_role("button", name="I lost my authenticator").click()
     _bot_says(page, "What is the email address registered")
     # the quick button's text is posted like a typed message and shown as the customer's bubble
-    assert page.locator(".msg.customer span", has_text="I lost my authenticator").count() == 1
+    assert page.locator(".msg.customer .bubble", has_text="I lost my authenticator").count() == 1
 
     _type(page, "alex@example.com")
     _bot_says(page, "6-digit verification code")
+    assert page.get_by_role("button", name="Use a different email").is_visible()
+    before = page.locator(".msg").count()
+    page.reload()  # phones drop tabs while people read their mail
+    _bot_says(page, "6-digit verification code")
+    assert page.locator(".msg").count() == before and page.locator(".msg.bot", has_text="2FA assistant").count() == 1
+    other = page.context.new_page()  # and a new tab carries on too
+    other.goto(f"{server.url}/chat")
+    other.locator(".msg.bot .bubble", has_text="6-digit verification code").wait_for()
+    other.close()
+
     code = code_in(mailbox.wait_for("verification_code", to="alex@example.com"))
     _type(page, code)
     _bot_says(page, "first deposit")
@@ -128,6 +182,7 @@ def test_chat_page_takes_a_customer_to_awaiting_approval(sqlite_url, live, smtp,
     _bot_says(page, "currency")
     _type(page, "USDT")
     done = _bot_says(page, "security team").inner_text()
+    assert "A decision usually comes within 2 hours" in done and "withdrawals are paused for 24 hours" in done
 
     case_id = re.search(r"RC-[A-Z0-9]{8}", done).group(0)
     with c.recovery.service() as svc:
@@ -135,10 +190,18 @@ def test_chat_page_takes_a_customer_to_awaiting_approval(sqlite_url, live, smtp,
         assert case.state == "awaiting_approval"
         assert case.account_id == "acct-1001"
         assert {chk.name: chk.result for chk in svc.checks(case)}["email_code"] == "pass"
+        assert len(list(svc.s.scalars(select(Case)))) == 1  # the reload started nothing new
     # the emailed code is never echoed back into the transcript the page shows
     transcript = page.inner_text("#messages")
     assert code not in transcript and "••••••" in transcript
     assert page.input_value("#text") == ""
+
+    with page.expect_navigation():
+        page.click("nav.lang a[data-lang=zh-TW]")
+    assert page.locator("h1").inner_text() == "客服聊天" and page.get_by_label("您的訊息").count() == 1
+    _bot_says(page, "好的，我會用繁體中文回覆。")
+    assert page.locator(".msg .bubble", has_text="security team").count() == 1  # the same conversation
+    axe_both_widths(page, axe_source, "chat (zh-TW)")
 
     shot = tmp_path / "chat.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -164,34 +227,47 @@ def _wrong_code(secret: str) -> str:
     return next(c for c in (f"{n:06d}" for n in range(0, 1_000_000, 7919)) if c not in near)
 
 
-def test_enroll_page_binds_a_new_authenticator(sqlite_url, live, smtp, page, tmp_path):
-    """After a local approval the emailed link asks for the password, shows an inline SVG QR and a setup
-    key, refuses a wrong code, accepts the app's code, shows 8 recovery codes, and then is dead."""
+def _enroll_link(server, mailbox, account: str = "alex@example.com") -> tuple[str, str]:
+    c = server.container
+    case_id = _awaiting_approval_over_http(server, mailbox)
+    c.recovery.decide(case_id, approver="alice", decision="approve", channel="cli")
+    return case_id, link_in(mailbox.wait_for("enroll_link", to=account), "enroll")
+
+
+def test_enroll_page_binds_a_new_authenticator(sqlite_url, live, smtp, page, axe_source):
+    """After a local approval the emailed link shows step 1 of 3 and asks for the password, then an inline
+    SVG QR, a setup key with a copy button, refuses a wrong code, accepts the app's code, and shows 8
+    recovery codes with copy, download and print and the next step (the hold's end); then the link is
+    dead. Every step passes axe at both widths."""
     smtp_url, mailbox = smtp
     server = live(sqlite_url, SMTP_URL=smtp_url)
     c = server.container
     load_demo(c)
-    case_id = _awaiting_approval_over_http(server, mailbox)
-    c.recovery.decide(case_id, approver="alice", decision="approve", channel="cli")
-    link = link_in(mailbox.wait_for("enroll_link", to="alex@example.com"), "enroll")
+    case_id, link = _enroll_link(server, mailbox)
     _only_local(page, server.url)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
 
     first = page.goto(link)
     assert first.status == 200
     assert first.headers["cache-control"] == "no-store"
+    assert page.locator("[aria-current=step]").inner_text().endswith("Confirm it's you")
     assert page.locator("input[type=password]#password").is_visible()
+    axe_both_widths(page, axe_source, "enroll start (en)")
     page.fill("#password", PASSWORD)
     page.click("#continue")
 
     page.locator("#setup-key").wait_for()
+    assert page.locator("[aria-current=step]").inner_text().endswith("Add to your app")
     assert page.locator("#qr > svg").count() == 1, "the QR code must be an inline SVG"
     assert page.locator("img").count() == 0
     assert page.locator("#qr > svg").bounding_box()["width"] >= 150
-    shot = tmp_path / "enroll_setup.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert _png_size(shot)[0] >= 600
+    assert not page.locator("#otpauth").is_visible()  # the app link is for phones
     secret = page.inner_text("#setup-key").replace(" ", "")
     assert re.fullmatch(r"[A-Z2-7]{32}", secret), secret
+    page.click("#copy-key")
+    page.get_by_role("button", name="Copied").wait_for()
+    assert page.evaluate("navigator.clipboard.readText()").replace(" ", "") == secret
+    axe_both_widths(page, axe_source, "enroll setup (en)")
 
     page.fill("#code", _wrong_code(secret))
     with page.expect_navigation() as nav:
@@ -208,6 +284,15 @@ def test_enroll_page_binds_a_new_authenticator(sqlite_url, live, smtp, page, tmp
     codes = page.locator("#recovery-codes li").all_inner_texts()
     assert len(codes) == 8 and len(set(codes)) == 8
     assert all(re.fullmatch(r"[0-9a-f]{5}(-[0-9a-f]{5}){3}", code) for code in codes), codes
+    assert page.locator("[aria-current=step]").inner_text().endswith("Save recovery codes")
+    assert "withdrawals stay paused until" in page.inner_text("#next")
+    with page.expect_download() as download:
+        page.click("#download-codes")
+    saved = Path(download.value.path()).read_text()
+    assert all(code in saved for code in codes) and "Each works once" in saved
+    page.click("#copy-codes")
+    assert page.evaluate("navigator.clipboard.readText()").split() == codes
+    axe_both_widths(page, axe_source, "enroll done (en)")
     with c.recovery.service() as svc:
         assert svc.get(case_id).state == "completed"
 
@@ -215,16 +300,50 @@ def test_enroll_page_binds_a_new_authenticator(sqlite_url, live, smtp, page, tmp
     assert again.status == 410
     assert "already used" in page.inner_text("#reason")
     assert page.locator("#setup-key").count() == 0 and page.locator("#recovery-codes").count() == 0
+    assert page.get_by_role("link", name="Back to the support chat").count() == 1
     assert page.outside_requests == []
 
 
-def test_enroll_page_refuses_an_unknown_link(sqlite_url, live, page):
-    """A link that was never issued shows the link error page, not a form."""
-    server = live(sqlite_url, worker=False)
-    response = page.goto(f"{server.url}/enroll/{'A' * 43}")
-    assert response.status == 404
-    assert "recognise this link" in page.inner_text("#reason")
-    assert page.locator("form").count() == 0
+def test_enroll_pages_on_a_phone_in_chinese(sqlite_url, live, smtp, browser, axe_source):
+    """On a phone, in Traditional Chinese: the setup page offers an otpauth:// link that opens the
+    authenticator app, the recovery codes never wrap mid-code, and every step passes axe at both widths."""
+    smtp_url, mailbox = smtp
+    server = live(sqlite_url, SMTP_URL=smtp_url)
+    load_demo(server.container)
+    _, link = _enroll_link(server, mailbox)
+    context = browser.new_context(viewport=PHONE, locale="zh-TW", is_mobile=True, has_touch=True)
+    context.set_default_timeout(WAIT_MS)
+    violations: list[str] = []
+    context.expose_function("cspViolation", lambda text: violations.append(text))
+    context.add_init_script(REPORT_VIOLATIONS)
+    page = context.new_page()
+
+    page.goto(f"{link}?lang=zh-TW")
+    assert page.locator("[aria-current=step]").inner_text().endswith("確認是您本人")
+    axe_both_widths(page, axe_source, "enroll start (zh-TW)")
+    page.set_viewport_size(PHONE)
+    page.fill("#password", PASSWORD)
+    page.click("#continue")
+    page.locator("#setup-key").wait_for()
+    app_link = page.locator("#otpauth")
+    assert app_link.is_visible() and app_link.inner_text() == "在我的驗證器 App 中開啟"
+    assert app_link.get_attribute("href").startswith("otpauth://totp/")
+    secret = page.inner_text("#setup-key").replace(" ", "")
+    assert f"secret={secret}" in app_link.get_attribute("href")
+    axe_both_widths(page, axe_source, "enroll setup (zh-TW)")
+    page.set_viewport_size(PHONE)
+    page.fill("#code", pyotp.TOTP(secret).now())
+    with page.expect_navigation():
+        page.click("#confirm")
+    rows = page.locator("#recovery-codes li")
+    heights = {round(rows.nth(i).bounding_box()["height"]) for i in range(rows.count())}
+    line = page.evaluate("parseFloat(getComputedStyle(document.querySelector('#recovery-codes li')).lineHeight)")
+    assert rows.count() == 8 and max(heights) < 1.5 * line, (heights, line)  # one line each: no wrapping
+    assert page.get_by_role("button", name="列印").is_visible()
+    axe_both_widths(page, axe_source, "enroll done (zh-TW)")
+    page.wait_for_timeout(100)
+    context.close()
+    assert violations == [], violations
 
 
 def _csp(response) -> dict[str, str]:
@@ -232,9 +351,10 @@ def _csp(response) -> dict[str, str]:
     return {d[0]: d[1] if len(d) > 1 else "" for d in directives}
 
 
-def test_cancel_and_error_pages_run_under_a_strict_policy(sqlite_url, live, page):
-    """The cancel page, its confirmation, a link error and a 404 all carry a CSP that allows no inline
-    script except by hash and forbids framing, and none of them breaks it."""
+def test_cancel_and_error_pages_run_under_a_strict_policy(sqlite_url, live, page, axe_source):
+    """The cancel page (in both languages, both widths), its confirmation, a link error and a 404 all carry
+    a CSP that allows no inline script except by hash and forbids framing, none of them breaks it, each
+    passes axe, and the error pages speak the reader's language and lead back to the chat."""
     from tests.helpers import last_mail, load_demo, open_case
 
     server = live(sqlite_url)
@@ -242,20 +362,36 @@ def test_cancel_and_error_pages_run_under_a_strict_policy(sqlite_url, live, page
     load_demo(c)
     case_id = open_case(c, "alex@example.com")
     cancel = link_in(last_mail(c, "reset_requested", case_id), "cancel")
+    page.goto(f"{cancel}?lang=zh-TW")
+    assert page.locator("h1").inner_text() == "取消兩步驟驗證找回"
+    axe_both_widths(page, axe_source, "cancel (zh-TW)")
     first = page.goto(cancel)
     policy = _csp(first)
     assert policy["frame-ancestors"] == "'none'" and policy["default-src"] == "'none'"
     assert "unsafe-inline" not in first.headers["content-security-policy"]
     assert all(src.startswith("'sha256-") for src in policy["script-src"].split())
     assert first.headers["cache-control"] == "no-store" and first.headers["referrer-policy"] == "no-referrer"
+    axe_both_widths(page, axe_source, "cancel (en)")
     with page.expect_navigation() as nav:
         page.locator("form button").first.click()
     assert nav.value.status == 200 and "content-security-policy" in nav.value.headers
+    assert "is cancelled" in page.inner_text("#result")
+    axe(page, axe_source, "cancel done (en)")
     with c.recovery.service() as svc:
         assert svc.get(case_id).state == "cancelled"
-    assert page.goto(f"{server.url}/enroll/{'B' * 43}").status == 404
+
+    unknown = page.goto(f"{server.url}/enroll/{'A' * 43}")
+    assert unknown.status == 404 and "recognise this link" in page.inner_text("#reason")
+    assert page.locator("form").count() == 0
+    axe(page, axe_source, "link error (en)")
     missing = page.goto(f"{server.url}/no-such-page")
     assert missing.status == 404 and _csp(missing)["frame-ancestors"] == "'none'"
+    assert page.get_by_role("link", name="Back to the support chat").count() == 1
+    page.goto(f"{server.url}/no-such-page?lang=zh-TW")
+    assert page.locator("h1").inner_text().startswith("發生錯誤") and page.locator("#back").inner_text() == "回到客服聊天"
+    by_header = requests.get(f"{server.url}/no-such-page", headers={"Accept-Language": "zh-TW,zh;q=0.9"}, timeout=10)
+    assert by_header.status_code == 404 and "回到客服聊天" in by_header.text
+    axe(page, axe_source, "404 (zh-TW)")
 
 
 def test_a_page_without_its_script_hash_is_reported(sqlite_url, live, browser):

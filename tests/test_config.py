@@ -62,3 +62,11 @@ def test_public_base_url_follows_port_unless_set(monkeypatch):
     assert load_settings().PUBLIC_BASE_URL == "http://127.0.0.1:8765"
     monkeypatch.setenv("PUBLIC_BASE_URL", "https://help.example.com")
     assert load_settings().PUBLIC_BASE_URL == "https://help.example.com"
+
+
+def test_the_email_sender_name_is_the_brand(tmp_path, monkeypatch):
+    """Unset, MAIL_FROM names the brand (BRAND_NAME) as the sender; set, it is kept as given."""
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(BRAND_NAME="Acme Exchange").MAIL_FROM == "Acme Exchange <no-reply@localhost>"
+    assert load_settings().MAIL_FROM == "Exchange <no-reply@localhost>"
+    assert load_settings(MAIL_FROM="Acme <security@acme.test>").MAIL_FROM == "Acme <security@acme.test>"

@@ -215,9 +215,10 @@ def test_status_of_my_case_answers_from_the_case_state(server):
     with c.db.transaction() as s:
         s.get(Case, case_id).state = "awaiting_approval"  # as after the checks (tested elsewhere)
         s.get(Conversation, f"webchat:{chat.session_id}").stage = "waiting"
-    assert turn(chat, c, "any news on my request?")[0]["text"] == \
-        f"Your request {case_id} is being reviewed by our security team."
-    assert turn(chat, c, "審核進度如何")[0]["text"] == f"您的申請 {case_id} 正由安全團隊審核中。"
+    news = turn(chat, c, "any news on my request?")[0]["text"]
+    assert news.startswith(f"Your request {case_id} is being reviewed by our security team. A decision usually "
+                           "comes within 2 hours.")
+    assert turn(chat, c, "審核進度如何")[0]["text"].startswith(f"您的申請 {case_id} 正由安全團隊審核中。")
 
 
 def test_a_logged_in_customer_continues_their_open_case_in_a_new_conversation(make_container, sqlite_url):

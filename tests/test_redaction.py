@@ -161,6 +161,6 @@ def test_the_bot_never_asks_for_a_secret():
     asking = re.compile(r"(type|send|enter|share|give|tell|paste|provide)\s+(us\s+|me\s+)?(your|the)\s+"
                         r"(password|2fa code|authenticator code|recovery (phrase|code)|seed)", re.I)
     asking_zh = re.compile(r"請(輸入|提供|傳送|告訴我們)(您的)?(密碼|助記詞|備用碼|驗證器上的)")
-    for name in ("en.j2", "zh-TW.j2"):
-        source = (BUILTIN / "chat" / name).read_text()
+    for name in ("chat/messages.j2", "locale/zh_TW/LC_MESSAGES/messages.po"):
+        source = (BUILTIN / name).read_text()
         assert not asking.search(source) and not asking_zh.search(source), name

@@ -30,7 +30,7 @@ from recovery.outbox import Dispatcher
 from tests.conftest import PG_ADMIN_URL, SECRET, ChatClient, Mailbox, free_port
 
 RECOVERYBOT = str(Path(sys.executable).parent / "recoverybot")
-MAIL_DOMAIN = "localhost"  # from the default MAIL_FROM, "Recovery Bot <no-reply@localhost>"
+MAIL_DOMAIN = "localhost"  # from the default MAIL_FROM, "<BRAND_NAME> <no-reply@localhost>"
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -441,7 +441,7 @@ def test_chat_dialogs_stay_in_order_with_two_workers(any_db_url, live, make_cont
             assert len(texts) == 3, texts
             assert "email address registered" in texts[0]
             assert "6-digit verification code" in texts[1]
-            assert "waiting for identity checks" in texts[2]
+            assert "waiting for the 6-digit code" in texts[2]
 
 
 # ---- 6. migrations ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The approval card, re-rendered from the database every time (never patched from a click).
 
-Texts come from templates/slack/en.j2; the block structure and Block Kit limits live here.
+Texts come from templates/slack/staff.j2; the block structure and Block Kit limits live here.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from recovery.models import Approval, Case, CaseCheck, CaseDocument
 
 MAX_TEXT = 3000
 MAX_BLOCKS = 50
-TEMPLATE = "slack/en.j2"
+TEMPLATE = "slack/staff.j2"
 APPROVE, DENY = "approve_case", "deny_case"
 
 
