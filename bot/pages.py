@@ -6,7 +6,8 @@ from __future__ import annotations
 import segno
 from flask import Blueprint, current_app, make_response, request
 
-from recovery.errors import ClockOutOfSync, CodeReused, NotFound, TokenError, TotpError, WrongPassword
+from recovery.errors import (ClockOutOfSync, CodeReused, DirectoryError, NotFound, TokenError, TotpError,
+                             WrongPassword)
 
 bp = Blueprint("pages", __name__)
 
@@ -69,6 +70,8 @@ def enroll(token: str):
             return c.renderer.page("enroll_done", locale, codes=codes, hold_until=view.hold_until)
     except TokenError as exc:
         return _link_error(exc, locale)
+    except DirectoryError:
+        return _directory_unavailable(locale)
     except WrongPassword:
         c.metrics.failure("enroll_wrong_password")
         try:
@@ -102,6 +105,14 @@ def limit_link_lookups():
     return resp
 
 
+def _directory_unavailable(locale: str):
+    """The account service failed mid-step. The step's transaction rolled back, so nothing changed (the
+    old factor still stands) and the same link works again: say so, and when to retry."""
+    resp = make_response(_c().renderer.page("link_error", locale, reason="try_again"), 503)
+    resp.headers["Retry-After"] = "60"
+    return resp
+
+
 def _owner_page(kind: str, token: str):
     """The cancel and lock pages: GET says what the button does, POST does it once."""
     c = _c()
@@ -113,7 +124,10 @@ def _owner_page(kind: str, token: str):
         return _link_error(exc if isinstance(exc, TokenError) else TokenError("unknown"), _lang())
     locale = _lang(view.locale)
     if request.method == "POST":
-        view = act_fn(token)
+        try:
+            view = act_fn(token)
+        except DirectoryError:  # the lock's hold could not be placed: nothing was recorded, try again
+            return _directory_unavailable(locale)
     return c.renderer.page(f"{kind}_page", locale, view=view)
 
 

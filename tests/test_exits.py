@@ -19,6 +19,7 @@ from recovery import totp as totp_mod
 from recovery.crypto import hash_password
 from recovery.directory.embedded import EmbeddedDirectory
 from recovery.models import AuditRecord, LinkToken, OutboxMessage, WithdrawalHold
+from tests.account_backend import AccountBackend
 from tests.conftest import ChatClient, code_in, link_in, text_part
 from tests.helpers import awaiting_case, folder_mails, get_case, last_mail, open_case
 from tests.test_security import (ALEX, ALEX_ID, ALEX_PASSWORD, MEI, MEI_ID, audit_events, factor, load_demo,
@@ -360,3 +361,35 @@ def test_every_start_gets_the_same_true_reply_and_the_owner_learns_why_a_start_w
     assert (first_open + timedelta(days=30)).strftime("%Y-%m-%d %H:%M UTC") in body
     with c.db.transaction() as s:
         assert s.scalar(select(func.count(LinkToken.id)).where(LinkToken.kind == "enroll")) == 0
+
+
+def test_an_account_service_outage_on_the_enroll_page_changes_nothing_and_the_same_link_works_after(sqlite_url,
+                                                                                                   live):
+    """With the http directory, a backend that fails the factor replacement gets the customer a 503 page that
+    says to try again (Retry-After), the case and the account's factor stay as they were, and the same link
+    and browser then complete with the same recovery codes, replaced once."""
+    backend = AccountBackend()
+    backend.add({"id": ALEX_ID, "email": ALEX, "locale": "en", "created_at": "2023-05-02T08:00:00Z",
+                 "totp_enabled": True, "facts": {"first_deposit_month": "2023-05", "last_withdrawal_currency": "USDT"}},
+                password=ALEX_PASSWORD)
+    old = totp_mod.new_secret()
+    backend.factors[ALEX_ID] = {"secret": old, "last_step": 0, "recovery_code_hashes": ["old"]}
+    server = live(sqlite_url, worker=False, clock=manual_clock(), **backend.settings())
+    try:
+        c = server.container
+        case_id, link = to_link_sent(c)
+        browser, key = setup_over_http(link)
+        backend.failing.add("2fa/replace")
+        down = browser.post(link, data={"step": "confirm", "code": pyotp.TOTP(key).at(c.clock.now())}, timeout=10)
+        assert down.status_code == 503 and down.headers["Retry-After"] == "60" and "try again" in down.text
+        assert get_case(c, case_id).state == "link_sent"
+        assert backend.factors[ALEX_ID]["secret"] == old
+        backend.failing.clear()
+        c.clock.advance(seconds=totp_mod.STEP)
+        done = browser.post(link, data={"step": "confirm", "code": pyotp.TOTP(key).at(c.clock.now())}, timeout=10)
+        assert done.status_code == 200 and "recovery-codes" in done.text
+        assert get_case(c, case_id).state == "completed"
+        assert backend.factors[ALEX_ID]["secret"] == key
+        assert len(backend.factors[ALEX_ID]["recovery_code_hashes"]) == 8
+    finally:
+        backend.close()
