@@ -12,7 +12,7 @@ from datetime import timedelta
 from recovery import audit, limits, timers
 from recovery.cases import step_up_failure_key
 from recovery.deps import Deps
-from recovery.errors import ApprovalRefused, TotpError, WrongPassword
+from recovery.errors import ApprovalRefused, DirectoryError, TotpError, WrongPassword
 from recovery.links import LinkService
 from recovery.machine import State
 from recovery.models import Attempt, Case
@@ -66,7 +66,10 @@ class Recovery:
         return self._commit_then_raise(lambda svc: svc.start_setup(token, password, browser))
 
     def confirm_enroll(self, token: str, code: str, browser: str | None) -> list[str]:
-        return self._commit_then_raise(lambda svc: svc.confirm(token, code, browser))
+        # A directory that gave no clear answer leaves the link marked "in doubt" (committed), so the
+        # case cannot end as unchanged before a retry settles whether the factor was replaced.
+        return self._commit_then_raise(lambda svc: svc.confirm(token, code, browser),
+                                       errors=(WrongPassword, TotpError, DirectoryError))
 
     def cancel_view(self, token: str):
         with self.service() as svc:

@@ -20,7 +20,7 @@ from recovery.deps import Deps
 from recovery.errors import (ApprovalRefused, IllegalTransition, LimitReached, NotFound, StepUpRequired,
                              TotpError)
 from recovery.machine import OPEN, State
-from recovery.models import Approval, Approver, Attempt, Case, CaseCheck, EmailCode, LinkToken
+from recovery.models import Approval, Approver, Attempt, Case, CaseCheck, Conversation, EmailCode, LinkToken
 from recovery.risk import assess
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class CodeOutcome:
 STEP_UP_MAX_FAILURES = 5
 STEP_UP_WINDOW_MINUTES = 15
 OWNER_NOTICE_HOURS = 6
+RESET_NOTICES_PER_DAY = 3
 
 
 # an enroll link that can still be used, were it not expired
@@ -107,10 +108,12 @@ class CaseService:
         """
         profile = self.directory.find_by_email(email)
         refusal, open_case, resets_at = self._start_refusal(profile)
+        contact = {"email": None, "locale": locale} if refusal else {"email": profile.email, "locale": profile.locale}
         case = Case(id=new_case_id(), state=State.OPENED.value,
                     account_id=None if refusal else profile.id, channel=channel,
                     conversation_id=conversation_key, opened_by=opened_by,
-                    locale=locale, risk_reasons=[], created_at=self.now, updated_at=self.now)
+                    locale=locale, risk_reasons=[], created_at=self.now, updated_at=self.now,
+                    owner_contact_enc=self.deps.keyring.encrypt_json(contact))
         self.s.add(case)
         self.s.flush()
         audit.append(self.s, case_id=case.id, event="open", from_state=None, to_state=case.state,
@@ -120,11 +123,16 @@ class CaseService:
         # Not being in a logged-in chat is no failure: most customers who lost their phone are not.
         self.set_check(case, "verified_session", PASS if verified else NEUTRAL,
                        {"note": "logged-in chat user" if verified else "not a logged-in chat user"})
-        self._send_code(case, profile=None if refusal else profile)
+        self._send_code(case)
         timers.schedule_in(self.s, case.id, "verifying_expiry", self.now, hours=self.policy.verifying_ttl_hours)
         if refusal is None:
-            self.notify.email(case, "reset_requested", to=profile.email, locale=profile.locale,
-                              account_id=profile.id, **self._request_context(opened_by, channel, request_ip))
+            # Told at every start, but not without end: starts that never pass the code cost an attacker
+            # only a chat session, and each one's code email (with its cancel link) still goes out.
+            told = limits.allow(self.s, f"reset_notice:{profile.id}", now=self.now, limit=RESET_NOTICES_PER_DAY,
+                                window=timedelta(days=1))
+            self.notify.email(case, "reset_requested", to=profile.email if told else None, locale=profile.locale,
+                              account_id=profile.id, send=told,
+                              **self._request_context(opened_by, channel, request_ip))
             return case
         context = dict(self._request_context(opened_by, channel, request_ip), reason=refusal,
                        open_case_id=open_case.id if open_case else None,
@@ -150,8 +158,8 @@ class CaseService:
                                                             Case.state.in_([s.value for s in OPEN]))
                                          .order_by(Case.created_at)))
         recent = list(self.s.scalars(select(Case.created_at).where(
-            Case.account_id == account_id, Case.created_at >= self.now - timedelta(days=30))
-            .order_by(Case.created_at)))
+            Case.account_id == account_id, Case.created_at >= self.now - timedelta(days=30),
+            Case.id.in_(self._verified_cases())).order_by(Case.created_at)))
         open_case = open_cases[0] if open_cases else None
         if profile is None:
             return "unknown_email", None, None
@@ -161,6 +169,30 @@ class CaseService:
             frees = recent[len(recent) - self.policy.max_cases_per_30_days]
             return "too_many_cases", open_case, frees + timedelta(days=30)
         return None, None, None
+
+    @staticmethod
+    def _verified_cases():
+        """Cases whose emailed code was typed right: only these count as recoveries of the account. A start
+        anyone can make by naming an address (and never pass) must not use up the owner's cases or
+        raise their risk."""
+        return select(CaseCheck.case_id).where(CaseCheck.name == "email_code", CaseCheck.result == PASS)
+
+    def _contact(self, case: Case) -> tuple[str | None, str]:
+        """The owner's address and language as read at the start (None for a stand-in)."""
+        contact = self.deps.keyring.decrypt_json(case.owner_contact_enc) if case.owner_contact_enc else {}
+        return contact.get("email"), contact.get("locale") or case.locale
+
+    def email_owner(self, case: Case, template: str, **context) -> None:
+        """Email the owner: the same work for a stand-in, which has no owner and sends nothing."""
+        to, locale = self._contact(case)
+        self.notify.email(case, template, to=to, locale=locale, account_id=case.account_id, send=to is not None,
+                          **context)
+
+    def initiators(self, case: Case) -> set[str]:
+        """Who may not decide on this case: whoever opened it, and every teammate who started a recovery in
+        its conversation (a customer who then switches address opens a new case, started all the same)."""
+        conv = self.s.get(Conversation, case.conversation_id) if case.conversation_id else None
+        return {case.opened_by} | set((conv.data or {}).get("initiators", []) if conv else [])
 
     def _owner_notice_due(self, profile) -> bool:
         # A refused start still tells the owner, but at most once in a while: new chat sessions are free,
@@ -174,8 +206,8 @@ class CaseService:
         return {"requested_at": self.now.isoformat(), "request_channel": channel,
                 "by_staff": opened_by != "customer", "request_ip": ip}
 
-    def _send_code(self, case: Case, *, profile=...) -> None:
-        """Make, store (hashed) and email a new code; `profile` is the owner when the caller has it."""
+    def _send_code(self, case: Case) -> None:
+        """Make, store (hashed) and email a new code."""
         self.s.execute(update(EmailCode).where(EmailCode.case_id == case.id).values(superseded=True))
         code = new_email_code()
         expires = self.now + timedelta(minutes=self.policy.code_ttl_minutes)
@@ -186,13 +218,8 @@ class CaseService:
         # Only the newest code's expiry is news: the replaced code's timer would call a live code expired.
         timers.cancel(self.s, case.id, self.now, kinds=("code_expiry",))
         timers.schedule(self.s, case.id, "code_expiry", expires)
-        if profile is ...:
-            profile = self._owner(case)
         # A stand-in case writes the same email, never sent: it has no account to send it to.
-        self.notify.email(case, "verification_code", to=profile.email if profile else None,
-                          locale=profile.locale if profile else case.locale,
-                          account_id=profile.id if profile else None, send=profile is not None,
-                          code=code, minutes=self.policy.code_ttl_minutes)
+        self.email_owner(case, "verification_code", code=code, minutes=self.policy.code_ttl_minutes)
 
     def resend_code(self, case_id: str) -> None:
         case = self.get(case_id, lock=True)
@@ -276,7 +303,7 @@ class CaseService:
             return
         earlier = self.s.scalar(select(func.count(Case.id)).where(
             Case.account_id == case.account_id, Case.id != case.id,
-            Case.created_at >= self.now - timedelta(days=365)))
+            Case.created_at >= self.now - timedelta(days=365), Case.id.in_(self._verified_cases())))
         results = {c.name: c.result for c in self.checks(case)}
         assessment = assess(profile, policy=self.policy, now=self.now, earlier_cases=earlier,
                             verified_session=results.get("verified_session") == PASS, check_results=results)
@@ -297,7 +324,7 @@ class CaseService:
         case = self.get(case_id, lock=True)
         if approver not in self.deps.approver_ids and approver not in self.deps.security_approver_ids:
             raise ApprovalRefused(case.id, approver, "not_authorized", f"{approver} is not an approver")
-        if approver == case.opened_by:
+        if approver in self.initiators(case):
             raise ApprovalRefused(case.id, approver, "initiator",
                                   "you opened this case for the customer, so someone else must decide")
         if case.state != State.AWAITING_APPROVAL:
@@ -330,9 +357,7 @@ class CaseService:
         self._fire(case, "approve", actor=approver, channel=channel, note=reason)
         timers.cancel(self.s, case.id, self.now)
         timers.schedule_in(self.s, case.id, "notice_window", self.now, hours=rule.notice_hours)
-        profile = self._owner(case)
-        self.notify.email(case, "approved", to=profile.email, locale=profile.locale, account_id=profile.id,
-                          notice_hours=rule.notice_hours, hold_hours=rule.hold_hours)
+        self.email_owner(case, "approved", notice_hours=rule.notice_hours, hold_hours=rule.hold_hours)
         if rule.notice_hours:
             # Without a notice window the link follows at once, and its own message says it is approved.
             self.notify.chat(case, case.conversation_id, "case_approved", locale=case.locale,
@@ -382,20 +407,25 @@ class CaseService:
         """Shared aftermath of a final state: timers stop, links die, everyone concerned is told."""
         timers.cancel(self.s, case.id, self.now)
         self.revoke_enroll_links(LinkToken.case_id == case.id)
-        profile = self._owner(case)
-        if profile is not None:
-            self.notify.email(case, outcome, to=profile.email, locale=profile.locale, account_id=profile.id,
-                              with_cancel=False, reason=case.final_reason,
-                              hold_until=case.hold_until.isoformat() if case.hold_until else None)
+        self.email_owner(case, outcome, with_cancel=False, reason=case.final_reason,
+                         hold_until=case.hold_until.isoformat() if case.hold_until else None)
         self.notify.chat(case, case.conversation_id, f"case_{outcome}", locale=case.locale)
         self.notify.staff(case, outcome, reason=case.final_reason)
 
     def cancel(self, case_id: str, *, actor: str, channel: str, reason: str) -> Case:
         case = self.get(case_id, lock=True)
+        if self.settle_doubt(case):
+            return case
         self._fire(case, "cancel", actor=actor, channel=channel, reason=reason)
         self._closed(case, "cancelled")
         return case
 
+    def settle_doubt(self, case: Case) -> bool:
+        """Overridden where links live (recovery.links.LinkService): nothing is in doubt here."""
+        return False
+
     def expire(self, case: Case, reason: str) -> None:
+        if self.settle_doubt(case):
+            return
         self._fire(case, "expire", reason=reason)
         self._closed(case, "expired")

@@ -20,7 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from recovery import limits, router, stages, timers
-from recovery.cases import CODE_EXPIRED, CODE_LOCKED, CODE_OK, CODE_REJECTED, CaseService
+from recovery.cases import CODE_EXPIRED, CODE_LOCKED, CODE_OK, CODE_REJECTED
+from recovery.links import LinkService
 from recovery.checks import PASS
 from recovery.deps import Deps
 from recovery.errors import IllegalTransition, LimitReached
@@ -84,7 +85,7 @@ class Incoming:
 class Dialog:
     def __init__(self, session: Session, deps: Deps):
         self.s, self.deps = session, deps
-        self.cases = CaseService(session, deps)
+        self.cases = LinkService(session, deps)
         self.now = self.cases.now
 
     def _conversation(self, msg: Incoming) -> Conversation:
@@ -153,7 +154,10 @@ class Dialog:
         if case is not None and State(case.state) not in FINAL:
             self.note(conv, "staff_case_open", case_id=case.id, state=case.state)
             return
-        self._remember(conv, initiator=initiator)
+        # Every teammate who starts a recovery here stays on record for the conversation: a customer who then
+        # switches address opens another case, started by that teammate all the same (CaseService.initiators).
+        known = (conv.data or {}).get("initiators", [])
+        self._remember(conv, initiator=initiator, initiators=known + [initiator] * (initiator not in known))
         conv.case_id = None
         if conv.stage != Stage.IDLE:
             stages.move(conv, "start_over")
@@ -379,7 +383,6 @@ class Dialog:
                                opened_by=opened_by, verified_account_id=verified_account_id, request_ip=ip)
         conv.case_id = case.id
         stages.move(conv, "open_case")
-        self._remember(conv, initiator=None)  # a later case in this conversation is the customer's own
         # The same words whether or not the address is registered (no account enumeration).
         self.say(conv, "code_sent", *EXITS[Stage.AWAIT_CODE], minutes=self.deps.policy.code_ttl_minutes)
 

@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 
 from recovery import audit
 from recovery.crypto import Keyring, UnreadableValue
-from recovery.models import (Account, Approver, CaseDocument, EmailCode, InboxEvent, KeyRotation, LinkToken,
-                             OutboxMessage)
+from recovery.models import (Account, Approver, Case, CaseDocument, EmailCode, InboxEvent, KeyRotation,
+                             LinkToken, OutboxMessage)
 
 BATCH = 500
 SHOWN = 20  # unreadable values named in a report; the rest are counted
@@ -51,6 +51,7 @@ SEALED = (
     Sealed(Account, "totp_secret_enc"),
     Sealed(LinkToken, "pending_secret_enc"),
     Sealed(LinkToken, "pending_codes_enc"),
+    Sealed(Case, "owner_contact_enc"),
     Sealed(CaseDocument, "content_enc"),
     Sealed(InboxEvent, "payload", in_json=True),
 )

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from recovery import audit, timers, totp
 from recovery.cases import LIVE_ENROLL_LINK, CaseService
 from recovery.crypto import hash_password, new_recovery_codes, new_token, token_hash
-from recovery.errors import TokenError, TotpError, WrongPassword
+from recovery.errors import DirectoryError, TokenError, TotpError, WrongPassword
 from recovery.machine import FINAL, State
 from recovery.models import AuditRecord, Case, LinkToken
 
@@ -82,10 +82,8 @@ class LinkService(CaseService):
         token = new_token()
         self.s.add(LinkToken(token_hash=token_hash(token), kind="enroll", case_id=case.id,
                              account_id=case.account_id, created_at=self.now, expires_at=expires_at))
-        profile = self._owner(case)
         minutes = max(1, int((expires_at - self.now).total_seconds() // 60))
-        self.notify.email(case, template, to=profile.email, locale=profile.locale, account_id=profile.id,
-                          link=f"{self.deps.public_base_url.rstrip('/')}/enroll/{token}", minutes=minutes,
+        self.email_owner(case, template, link=f"{self.deps.public_base_url.rstrip('/')}/enroll/{token}", minutes=minutes,
                           hold_hours=self.policy.rule(case.risk_level).hold_hours,
                           hold_until=case.hold_until.isoformat() if case.hold_until else None)
 
@@ -176,25 +174,48 @@ class LinkService(CaseService):
         except TotpError:
             self._link_failure(row, case)
             raise
+        return self._replace_and_complete(row, case, step, actor="customer")
+
+    def _replace_and_complete(self, row: LinkToken, case: Case, step: int, *, actor: str) -> list[str]:
+        secret = self.deps.keyring.decrypt(row.pending_secret_enc)
         codes = self.deps.keyring.decrypt_json(row.pending_codes_enc)
-        self.directory.replace_factor(case.account_id, secret=secret, step=step,
-                                      recovery_code_hashes=[hash_password(c) for c in codes], case_id=case.id)
+        try:
+            self.directory.replace_factor(case.account_id, secret=secret, step=step,
+                                          recovery_code_hashes=[hash_password(c) for c in codes], case_id=case.id)
+        except DirectoryError:
+            # No clear answer: the directory may have replaced the factor all the same. Kept (the caller
+            # commits it) so that the case cannot end as "unchanged" before a retry has settled it.
+            row.replace_in_doubt_at, row.replace_step = row.replace_in_doubt_at or self.now, step
+            raise
         row.used_at, row.pending_secret_enc, row.pending_codes_enc = self.now, None, None
-        self._fire(case, "complete", actor="customer", channel="web")
+        row.replace_in_doubt_at = None
+        self._fire(case, "complete", actor=actor, channel="web")
         timers.cancel(self.s, case.id, self.now)
-        profile = self._owner(case)
-        self.notify.email(case, "completed", to=profile.email, locale=profile.locale, account_id=profile.id,
-                          with_cancel=False, lock_url=self.notify.lock_url(case, profile.id),
-                          lock_hold_hours=self.policy.owner_lock_hold_hours,
-                          hold_until=case.hold_until.isoformat() if case.hold_until else None)
+        self.email_owner(case, "completed", with_cancel=False,
+                         lock_url=self.notify.lock_url(case, case.account_id),
+                         lock_hold_hours=self.policy.owner_lock_hold_hours,
+                         hold_until=case.hold_until.isoformat() if case.hold_until else None)
         self.notify.chat(case, case.conversation_id, "case_completed", locale=case.locale)
         self.notify.staff(case, "completed")
         return codes
 
+    def settle_doubt(self, case: Case) -> bool:
+        """Before a case in `link_sent` ends any other way: if its confirmation got no clear answer from
+        the directory, retry it (same key, same data; the customer proved the new authenticator then).
+        True when that completed the case. A directory still failing raises DirectoryError, and the ending
+        waits (the timer retries; a page says to try again)."""
+        row = self.s.scalar(select(LinkToken).where(LinkToken.case_id == case.id, LinkToken.kind == "enroll",
+                                                    LinkToken.replace_in_doubt_at.is_not(None),
+                                                    LinkToken.used_at.is_(None)).limit(1))
+        if row is None or case.state != State.LINK_SENT:
+            return False
+        self._replace_and_complete(row, case, row.replace_step, actor="system")
+        return True
+
     def _link_failure(self, row: LinkToken, case: Case) -> None:
         # Runs in the failing request's transaction, which the caller commits before showing the error.
         case.link_failures += 1
-        if case.link_failures >= self.policy.link_max_password_failures:
+        if case.link_failures >= self.policy.link_max_password_failures and not self.settle_doubt(case):
             row.revoked_at = self.now
             self._fire(case, "cancel", actor="system", channel="web", reason="enroll_failures")
             self._closed(case, "cancelled")
@@ -214,6 +235,8 @@ class LinkService(CaseService):
             return self._owner_view(row, case, "already_used")
         if State(case.state) in FINAL:
             return self._owner_view(row, case, "closed")
+        if self.settle_doubt(case):
+            return self._owner_view(row, case, "closed")  # it had completed: the page says where the lock is
         row.used_at = self.now
         self._fire(case, "cancel", actor="owner", channel="email", reason="owner_cancelled")
         self._closed(case, "cancelled")

@@ -103,6 +103,10 @@ class Case(Base):
     link_failures: Mapped[int] = mapped_column(Integer, default=0)
     # the end of the withdrawal hold placed when the link was sent; it is never shortened
     hold_until: Mapped[datetime | None] = ts()
+    # Encrypted JSON {"email", "locale"}: where the owner's emails go, read from the directory once at the
+    # start ({"email": null} for a stand-in). Later emails use it, so no turn after the start asks the
+    # directory something only a real case would ask (its answer time would tell).
+    owner_contact_enc: Mapped[str | None] = mapped_column(Text)
     version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = ts()
     updated_at: Mapped[datetime] = ts()
@@ -163,6 +167,10 @@ class LinkToken(Base):
     pending_secret_enc: Mapped[str | None] = mapped_column(Text)
     # the new recovery codes (encrypted JSON list) between start and confirmation
     pending_codes_enc: Mapped[str | None] = mapped_column(Text)
+    # A confirmation whose factor replacement got no clear answer (a timeout): the directory may have
+    # applied it. The case may not end any other way until a retry (same key, same data) settles it.
+    replace_in_doubt_at: Mapped[datetime | None] = ts()
+    replace_step: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class AuditRecord(Base):

@@ -226,7 +226,8 @@ def apply(db, p: Plan, retention: Retention, now: datetime) -> None:
     for ids in _chunks(p.cases):
         with db.transaction() as s:
             s.execute(update(Case).where(Case.id.in_(ids), Case.closed_at.is_not(None))
-                      .values(account_id=None, conversation_id="", final_reason=None, details_purged_at=now))
+                      .values(account_id=None, conversation_id="", final_reason=None, owner_contact_enc=None,
+                              details_purged_at=now))
             s.execute(update(CaseCheck).where(CaseCheck.case_id.in_(ids)).values(evidence={}))
             s.execute(update(Approval).where(Approval.case_id.in_(ids)).values(reason=None))
             for model in (EmailCode, LinkToken, Timer, SlackCard):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
@@ -16,13 +17,16 @@ TOKEN = "backend-token-for-tests"
 
 
 class AccountBackend:
-    def __init__(self):
+    def __init__(self, *, delay: float = 0.0):
+        self.delay = delay                       # seconds every answer takes, like a remote backend
         self.accounts: dict[str, dict] = {}      # id -> account JSON (as the contract returns it)
         self.passwords: dict[str, str] = {}
         self.factors: dict[str, dict] = {}       # id -> {"secret", "last_step", "recovery_code_hashes"}
         self.holds: list[dict] = []              # {"account_id", "case_id", "reason", "until"}
         self.answers: dict[str, tuple[int, dict]] = {}  # Idempotency-Key -> first answer
         self.failing: set[str] = set()  # path endings (e.g. "2fa/replace") answered 503, doing nothing
+        self.lost_answers: set[str] = set()  # path endings whose work is done but answered 503 (a timeout)
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.lock = threading.Lock()
         backend = self
 
@@ -69,6 +73,9 @@ class AccountBackend:
         if headers.get("Authorization") != f"Bearer {TOKEN}":
             return 401, {"error": "unauthorized"}
         path = path.removeprefix("/v1")
+        self.requests.append((method, path))
+        if self.delay:
+            time.sleep(self.delay)
         if any(path.endswith(ending) for ending in self.failing):
             return 503, {"error": "unavailable"}
         with self.lock:
@@ -78,6 +85,8 @@ class AccountBackend:
             answer = self._route(method, path, body or {})
             if key and 200 <= answer[0] < 300:
                 self.answers[key] = answer
+            if any(path.endswith(ending) for ending in self.lost_answers):
+                return 503, {"error": "the answer was lost"}
             return answer
 
     def _route(self, method: str, path: str, body: dict) -> tuple[int, dict | None]:

@@ -334,20 +334,24 @@ def test_every_start_gets_the_same_true_reply_and_the_owner_learns_why_a_start_w
     assert open_id in body and "already in progress" in body and "/cancel/" in body
     assert not folder_mails(c, to="nobody@example.com")
 
-    for case in (open_id,):
+    def verified_then_cancelled(case_id: str) -> None:
+        """The owner's own case: the emailed code typed right (only such cases count toward the limit)."""
+        c.worker.drain()
         with c.recovery.service() as svc:
-            svc.cancel(case, actor="customer", channel="webchat", reason="customer_cancelled")
+            assert svc.submit_code(case_id, code_in(last_mail(c, "verification_code", case_id))).status == "ok"
+            svc.cancel(case_id, actor="customer", channel="webchat", reason="customer_cancelled")
+
+    def newest_case() -> str:
+        with c.db.transaction() as s:
+            return s.scalar(select(AuditRecord.case_id).where(AuditRecord.event == "open")
+                            .order_by(AuditRecord.id.desc()).limit(1))
+
+    verified_then_cancelled(open_id)
     _start(bot, ALEX)                    # the second case in 30 days
-    with c.recovery.service() as svc:
-        svc.cancel(svc.s.scalar(select(AuditRecord.case_id).where(AuditRecord.event == "open")
-                                .order_by(AuditRecord.id.desc()).limit(1)),
-                   actor="customer", channel="webchat", reason="customer_cancelled")
+    verified_then_cancelled(newest_case())
     c.clock.advance(hours=7)            # past the owner-notice throttle
     _start(bot, ALEX)                    # the third
-    with c.recovery.service() as svc:
-        svc.cancel(svc.s.scalar(select(AuditRecord.case_id).where(AuditRecord.event == "open")
-                                .order_by(AuditRecord.id.desc()).limit(1)),
-                   actor="customer", channel="webchat", reason="customer_cancelled")
+    verified_then_cancelled(newest_case())
     c.clock.advance(hours=7)
     over_limit = _start(bot, ALEX)
     assert over_limit == known
@@ -393,3 +397,77 @@ def test_an_account_service_outage_on_the_enroll_page_changes_nothing_and_the_sa
         assert len(backend.factors[ALEX_ID]["recovery_code_hashes"]) == 8
     finally:
         backend.close()
+
+
+def _http_bot(live, sqlite_url, backend: AccountBackend):
+    backend.add({"id": ALEX_ID, "email": ALEX, "locale": "en", "created_at": "2023-05-02T08:00:00Z",
+                 "totp_enabled": True, "facts": {"first_deposit_month": "2023-05", "last_withdrawal_currency": "USDT"}},
+                password=ALEX_PASSWORD)
+    backend.factors[ALEX_ID] = {"secret": totp_mod.new_secret(), "last_step": 0, "recovery_code_hashes": ["old"]}
+    return live(sqlite_url, worker=False, clock=manual_clock(), **backend.settings())
+
+
+def test_a_replacement_that_got_no_answer_is_settled_before_the_case_can_end_any_other_way(sqlite_url, live):
+    """The backend replaces the factor but its answer is lost: the page says try again, and when the link
+    expires the bot first retries the replacement (same key, same data), so the case ends `completed`, with
+    the completion email and its lock link, never as "expired, your 2FA is unchanged"."""
+    backend = AccountBackend()
+    server = _http_bot(live, sqlite_url, backend)
+    try:
+        c = server.container
+        case_id, link = to_link_sent(c)
+        browser, key = setup_over_http(link)
+        backend.lost_answers.add("2fa/replace")
+        lost = browser.post(link, data={"step": "confirm", "code": pyotp.TOTP(key).at(c.clock.now())}, timeout=10)
+        assert lost.status_code == 503
+        assert backend.factors[ALEX_ID]["secret"] == key  # it did happen
+        assert get_case(c, case_id).state == "link_sent"
+        backend.lost_answers.clear()
+        c.clock.advance(minutes=c.deps.policy.link_ttl_minutes, seconds=1)
+        c.worker.drain()
+        assert get_case(c, case_id).state == "completed"
+        assert not folder_mails(c, "expired", case_id=case_id)
+        assert "/lock/" in text_part(last_mail(c, "completed", case_id))
+        assert [e.event for e in audit_events(c, case_id)][-1] == "complete"
+    finally:
+        backend.close()
+
+
+def test_turns_after_the_start_ask_the_account_directory_nothing(sqlite_url, live):
+    """Resending the code and cancelling, the turns anyone can make after naming an address, make no call
+    to the account backend for a registered address (a stand-in could not make one: its time would tell)."""
+    backend = AccountBackend()
+    server = _http_bot(live, sqlite_url, backend)
+    try:
+        c = server.container
+        chat = ChatClient(server.url)
+        for text in ("I lost my authenticator", ALEX):
+            chat.say(text)
+            c.worker.drain()
+        assert backend.requests == [("POST", "/accounts/lookup")]
+        for text in ("resend the code", "cancel"):
+            chat.say(text)
+            c.worker.drain()
+        assert backend.requests == [("POST", "/accounts/lookup")]
+        assert [r.event for r in audit_events(c, last_mail(c, "verification_code")["X-Recovery-Case"])][-1] == "cancel"
+        assert len(folder_mails(c, "verification_code", to=ALEX)) == 2
+    finally:
+        backend.close()
+
+
+def test_starts_that_never_pass_the_code_neither_use_up_the_owners_cases_nor_flood_them(bot):
+    """Someone who only knows the owner's address opens and drops cases: those never count toward the 30-day
+    limit or the owner's risk, and the owner gets at most three 'reset requested' notices a day (each
+    start's code email, with its cancel link, still goes out); the owner can then start and is low risk."""
+    c = bot.container
+    for _ in range(5):
+        case_id = open_case(c, ALEX)
+        with c.recovery.service() as svc:
+            svc.cancel(case_id, actor="customer", channel="webchat", reason="customer_cancelled")
+    c.worker.drain()
+    assert len(folder_mails(c, "reset_requested", to=ALEX)) == 3
+    assert len(folder_mails(c, "verification_code", to=ALEX)) == 5
+    assert not folder_mails(c, "start_refused", to=ALEX)
+    owner = awaiting_case(c, ALEX)  # a real start: not refused, and checks pass
+    case = get_case(c, owner)
+    assert case.account_id == ALEX_ID and case.risk_level == "low" and "earlier_recovery" not in case.risk_reasons

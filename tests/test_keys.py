@@ -102,7 +102,7 @@ def test_rotation_keeps_a_case_in_flight_working(any_db_url, live, make_containe
     assert {name for name, _, _ in before} == {"outbox.payload_enc", "approvers.totp_secret_enc",
                                                "accounts.totp_secret_enc", "case_documents.content_enc",
                                                "inbox_events.payload", "link_tokens.pending_secret_enc",
-                                               "link_tokens.pending_codes_enc"}
+                                               "link_tokens.pending_codes_enc", "cases.owner_contact_enc"}
     plain = {k: Keyring(OLD_KEY).decrypt(v) for k, v in before.items()}
 
     both = {"SECRET_KEY": NEW_KEY, "SECRET_KEY_PREVIOUS": OLD_KEY}

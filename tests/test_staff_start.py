@@ -130,3 +130,38 @@ def test_a_teammate_who_cannot_be_matched_to_an_approver_starts_nothing(sqlite_u
     for text, who in (("customer seems legit", {}), ("!recovery start", {"admin_id": "7654321"})):
         resp = post(r.server, admin_note(text, conversation=conversation, part=f"{conversation}977", **who))
         assert resp.json()["status"] == "ignored"
+
+
+def test_a_teammate_stays_the_initiator_of_every_case_their_start_leads_to(sqlite_url, live, intercom):
+    """A teammate starts with a mistyped address and the customer switches to the right one: the new case is
+    theirs too, and `cases approve` refuses them on it, as on the first."""
+    server = live(sqlite_url, worker=False, clock=manual_clock(),
+                  **settings_for(intercom, INTERCOM_ADMIN_SLACK_IDS=f"{OTHER_ADMIN_ID}=bob"))
+    load_demo(server.container)
+    c = server.container
+    conversation = "147000000504"
+    customer = Customer(server, intercom, conversation)
+    customer.say("please help, lost my authenticator")
+    c.worker.drain()
+
+    class Drain:
+        def __init__(self):
+            self.server, self.c = server, c
+
+        def drain(self):
+            c.worker.drain()
+
+    note(Drain(), conversation, "!recovery start typo@nowhere.test", 1)
+    first = case_of(c, conversation)
+    for text in ("Use a different email", ALEX):
+        customer.say(text)
+        c.worker.drain()
+    second = case_of(c, conversation)
+    assert second.id != first.id and second.account_id == "acct-1001"
+    pass_checks(c, second.id)
+    env = {"DATABASE_URL": sqlite_url, "SECRET_KEY": SECRET, "MAIL_OUTBOX_DIR": c.settings.MAIL_OUTBOX_DIR,
+           "SLACK_BOT_TOKEN": None, "SLACK_APP_TOKEN": None, "SMTP_URL": None, "RISK_POLICY": None,
+           "LOG_LEVEL": "WARNING", **settings_for(intercom, INTERCOM_ADMIN_SLACK_IDS=f"{OTHER_ADMIN_ID}=bob")}
+    refused = CliRunner().invoke(cli_main, ["cases", "approve", second.id, "--approver", "bob"], env=env)
+    assert refused.exit_code != 0 and "someone else must decide" in refused.output
+    assert approvals(c, second.id) == []

@@ -86,6 +86,10 @@ class Approvals:
                                                                         message=extra.get("message", "")))
             self.client.chat_postEphemeral(channel=channel_id, user=user, text=text)
 
+    def initiators(self, case: Case) -> set[str]:
+        with self.c.recovery.service() as svc:
+            return svc.initiators(case)
+
     def case_for_message(self, body: dict) -> Case | None:
         container = _dict(body.get("container"))
         channel = _dict(body.get("channel")).get("id") or container.get("channel_id")
@@ -109,7 +113,7 @@ class Approvals:
         if case is None:
             self._refuse(body, "unknown", None, channel_id, message="This card is not linked to a case.")
             return
-        if _user_id(body) == case.opened_by:
+        if _user_id(body) in self.initiators(case):
             # refused at the click, so the initiator never gets a modal (the domain refuses a submission too)
             self._refuse(body, "initiator", case, channel_id)
             return
