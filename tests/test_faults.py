@@ -13,13 +13,21 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import threading
 import time
 import uuid
+from datetime import timedelta
 
 import pytest
 import requests
+from sqlalchemy import exc as sa_exc
 
+from recovery import db as dbmod
+from recovery import outbox
+from recovery.outbox import Dispatcher
 from tests import fault_rig
+from tests.conftest import ChatClient
+from tests.test_reliability import RecordingSender, outbox_rows, queue_emails
 
 BEYOND = 15.0  # seconds a reply may wait beyond the others (the issue's target)
 
@@ -113,3 +121,97 @@ def test_a_database_restart_delays_replies_by_seconds_and_answers_503_meanwhile(
     assert stored == 0
     again = requests.post(f"{processes.base}/chat/api/sessions/{probe_sid}/messages", json=text_of, timeout=10)
     assert (again.status_code, again.json()["duplicate"]) == (202, False)
+
+
+# ---- the parts, in one process: leases given back, renewed, and the wake-up --------------------------
+
+@pytest.fixture
+def private_url(cluster):
+    dbmod.upgrade(cluster.url)
+    return cluster.url
+
+
+class StopsTheDatabase:
+    """A sender (the network edge) during whose first send the database goes away, as in a restart."""
+
+    def __init__(self, cluster, sent: list):
+        self.cluster, self.sent = cluster, sent
+
+    def send(self, message: outbox.Outgoing) -> None:
+        self.sent.append(message.idempotency_key)
+        if len(self.sent) == 1:
+            self.cluster.stop()
+
+
+def test_a_pass_cut_off_by_the_database_gives_back_its_leases_when_it_returns(cluster, private_url,
+                                                                            make_container):
+    c = make_container(private_url)
+    keys = [f"faults:blip:{i}" for i in range(5)]
+    queue_emails(c, keys)
+    sent: list[str] = []
+    dispatcher = Dispatcher(c.db, keyring=c.keyring, clock=c.clock, senders={"email": StopsTheDatabase(cluster, sent)})
+
+    with pytest.raises(sa_exc.OperationalError):
+        dispatcher.run_once()  # the first message went out; recording it, and giving back the rest, failed
+    cluster.start()
+    leased = cluster.query("SELECT count(*) FROM outbox WHERE lease_until > now()")[0][0]
+    assert leased == len(keys), "with the database down, nothing could be given back yet"
+
+    # The next pass gives them back first, so it sends them at once instead of after the lease.
+    assert dispatcher.run_once() == len(keys)
+    assert sorted(sent) == sorted(keys + keys[:1])  # the first one again: at least once, same key
+    rows = outbox_rows(c)
+    assert {r.status for r in rows} == {"sent"}
+    # The untried messages got their attempt back: a database blip does not use up their retries.
+    assert [r.attempts for r in rows] == [2, 1, 1, 1, 1]
+
+
+def test_a_send_slower_than_the_lease_keeps_it(pg_url, make_container):
+    """The renewer keeps a batch's leases while one send takes longer than a whole lease, so a second
+    dispatcher polling meanwhile takes nothing; then a dispatcher that dies holding leases loses them
+    within the lease."""
+    lease = timedelta(seconds=0.6)
+    c = make_container(pg_url)
+    keys = [f"faults:slow:{i}" for i in range(3)]
+    queue_emails(c, keys)
+    log, lock = [], threading.Lock()
+    slow = Dispatcher(c.db, keyring=c.keyring, clock=c.clock, lease=lease,
+                      senders={"email": RecordingSender("slow", log, lock, delay=1.0)})
+    other = Dispatcher(c.db, keyring=c.keyring, clock=c.clock, lease=lease,
+                       senders={"email": RecordingSender("other", log, lock)})
+    taken = []
+    worker = threading.Thread(target=slow.run_once)
+    worker.start()
+    while worker.is_alive():
+        taken.append(other.run_once())
+        time.sleep(0.1)
+    worker.join()
+    assert sum(taken) == 0 and len(taken) > 20, taken
+    assert sorted(log) == sorted((k, "slow") for k in keys)
+
+
+def test_the_worker_wakes_on_notify_and_listens_again_after_a_restart(cluster, private_url, live, make_container):
+    """A worker that polls only every 30 s answers a message stored by another process at once, and
+    still does after PostgreSQL restarted under it."""
+    web = live(private_url, worker=False)
+    worker = make_container(private_url, WORKER_IDLE_SECONDS=30)
+    runner = threading.Thread(target=worker.worker.run_forever, daemon=True)
+    runner.start()
+    try:
+        time.sleep(1)  # past its first (empty) passes: from now on it sleeps 30 s unless woken
+        chat = ChatClient(web.url)
+        started = time.monotonic()
+        assert "email address" in chat.ask("I lost my authenticator", timeout=5)
+        first = time.monotonic() - started
+
+        cluster.stop()
+        cluster.start()
+        time.sleep(3)  # the listener reconnects (within 2 s); the woken pass finds nothing
+        started = time.monotonic()
+        chat = ChatClient(web.url)
+        assert "email address" in chat.ask("I lost my authenticator", timeout=10)
+        second = time.monotonic() - started
+    finally:
+        worker.worker.stop()
+        runner.join(10)
+    assert first < 5 and second < 10, (first, second)
