@@ -122,8 +122,8 @@ class Processes:
         finally:
             log.close()
 
-    def start_worker(self) -> subprocess.Popen:
-        proc = self._spawn(f"worker{len(self.workers)}", "worker")
+    def start_worker(self, **env) -> subprocess.Popen:
+        proc = self._spawn(f"worker{len(self.workers)}", "worker", **env)
         self.workers.append(proc)
         return proc
 
