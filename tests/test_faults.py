@@ -10,6 +10,7 @@ web-chat customers asking question after question.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
@@ -27,6 +28,8 @@ from recovery import outbox
 from recovery.outbox import Dispatcher
 from tests import fault_rig
 from tests.conftest import ChatClient
+from tests.intercom_api import FakeIntercom, customer_event, settings_for, signed_headers
+from tests.slack_api import SIGNING_SECRET, FakeSlack, signed, submission
 from tests.test_reliability import RecordingSender, outbox_rows, queue_emails
 
 BEYOND = 15.0  # seconds a reply may wait beyond the others (the issue's target)
@@ -215,3 +218,35 @@ def test_the_worker_wakes_on_notify_and_listens_again_after_a_restart(cluster, p
         worker.worker.stop()
         runner.join(10)
     assert first < 5 and second < 10, (first, second)
+
+
+def test_webhooks_meeting_a_stopped_database_get_503_and_store_nothing(cluster, private_url, live):
+    """Intercom's webhook and Slack's route, with the database really stopped: 503 with Retry-After (the
+    sender retries), not 500; once it is back, the same Intercom event is stored."""
+    intercom, slack = FakeIntercom(), FakeSlack()
+    try:
+        server = live(private_url, worker=False, **settings_for(intercom),
+                      SLACK_BOT_TOKEN="xoxb-test-token", SLACK_SIGNING_SECRET=SIGNING_SECRET,
+                      SLACK_APPROVAL_CHANNEL="C0APPROVE", SLACK_APPROVER_IDS="UALICE", SLACK_API_URL=slack.url)
+        event = json.dumps(customer_event("I lost my phone", conversation="147000000901", part="1", first=True))
+        modal = {"callback_id": "approve_modal", "private_metadata": "RC-NOSUCH|C0APPROVE", "blocks": [],
+                 "title": {"type": "plain_text", "text": "Approve reset"}}
+        click = submission(modal, user="UALICE")
+        cluster.stop()
+
+        hook = requests.post(f"{server.url}/webhooks/intercom", data=event.encode(),
+                             headers=signed_headers(event.encode()), timeout=30)
+        assert hook.status_code == 503 and int(hook.headers["Retry-After"]) > 0, hook.text
+        assert hook.json()["error"] == "unavailable"
+        decided = requests.post(f"{server.url}/slack/events", data=click, headers=signed(click), timeout=30)
+        assert decided.status_code == 503 and int(decided.headers["Retry-After"]) > 0, decided.text
+        assert decided.json()["error"] == "unavailable"
+
+        cluster.start()
+        assert cluster.query("SELECT count(*) FROM inbox_events")[0][0] == 0
+        again = requests.post(f"{server.url}/webhooks/intercom", data=event.encode(),
+                              headers=signed_headers(event.encode()), timeout=30)
+        assert (again.status_code, again.json()["status"]) == (200, "stored")
+    finally:
+        intercom.close()
+        slack.close()
