@@ -100,8 +100,8 @@ def _run(db, on_notify, stop: threading.Event) -> None:
 
 
 def _receive(conn, on_notify, stop: threading.Event) -> None:
-    # notifies() returns after its timeout, so `stop` is seen within a second; a connection the server
-    # closed (a restart) raises from it, which sends us back to reconnect.
+    # notifies(timeout=...) (psycopg 3.2) returns after its timeout, so `stop` is seen within a second; a
+    # connection the server closed (a restart) raises from it, which sends us back to reconnect.
     while not stop.is_set():
         for note in conn.notifies(timeout=1.0):
             on_notify(note.payload)
