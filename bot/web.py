@@ -6,6 +6,7 @@ import re
 import uuid
 
 from flask import Flask, Response, jsonify, request
+from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
 from bot import csp, logs, pages, webchat
@@ -18,6 +19,23 @@ from bot.metrics import CONTENT_TYPE, Exposition, authorized
 log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024
 REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{8,64}")  # what proxies such as Heroku's router send
+# A database restart or failover takes seconds; the pool reconnects by itself once it is back.
+RETRY_AFTER = 5
+OUTAGE_MESSAGE = f"the service's database is briefly unavailable; nothing was done: try again in {RETRY_AFTER} seconds"
+
+
+def database_outage(exc: BaseException | None) -> bool:
+    """Whether the error (or one it was raised from) means the database could not be reached: refused or
+    dropped connections, a server shutting down, or no pool connection free in time. The request's
+    transaction did not commit (or never started), so the client may simply send it again."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
+            return True
+        if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def create_app(container) -> Flask:
@@ -38,6 +56,8 @@ def create_app(container) -> Flask:
         from slack_bolt.adapter.flask.handler import to_flask_response
 
         from bot.slack import gate
+
+        container.slack_app.error(_slack_error)
 
         @app.post("/slack/events")
         def slack_events():
@@ -109,6 +129,8 @@ def create_app(container) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
+        if database_outage(exc):
+            return unavailable(exc)
         # The route's pattern, not the path: /enroll/ and /cancel/ paths carry link tokens.
         route = request.url_rule.rule if request.url_rule is not None else "(no route)"
         log.exception("unhandled error on %s %s", request.method, route)
@@ -116,4 +138,27 @@ def create_app(container) -> Flask:
             return jsonify(error="internal_error", message="something went wrong; it was logged"), 500
         return container.renderer.page("error", request_locale(container.renderer), status=500), 500
 
+    def unavailable(exc: Exception):
+        log.warning("database unavailable on %s %s: %s", request.method,
+                    request.url_rule.rule if request.url_rule is not None else "(no route)", type(exc).__name__)
+        headers = {"Retry-After": str(RETRY_AFTER)}
+        if wants_json():
+            return jsonify(error="unavailable", message=OUTAGE_MESSAGE), 503, headers
+        return container.renderer.page("error", request_locale(container.renderer), status=503), 503, headers
+
     return app
+
+
+def _slack_error(error: Exception, response):
+    """Bolt catches what a listener raises and answers 500 itself; a database outage is a 503 (Slack shows
+    the approver that the click failed, and they click again)."""
+    from slack_bolt import BoltResponse
+
+    if not database_outage(error):
+        log.error("Slack listener failed", exc_info=error)
+        return None
+    log.warning("database unavailable in a Slack listener: %s", type(error).__name__)
+    if response is None:  # already acknowledged: nothing left to answer
+        return None
+    return BoltResponse(status=503, body='{"error": "unavailable", "message": "%s"}' % OUTAGE_MESSAGE,
+                        headers={"Content-Type": "application/json", "Retry-After": str(RETRY_AFTER)})

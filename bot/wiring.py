@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from bot import wakeup
 from bot.inbound import make_handler
 from bot.instrument import MeteredSender, chat_channel, observe_sessions, timed_handler
 from bot.mail import FolderMailer, SmtpMailer
@@ -65,6 +66,7 @@ def keyring_for(settings: Settings) -> Keyring:
 def build(settings: Settings, *, clock: Clock | None = None, db: Database | None = None) -> Container:
     clock = clock or Clock()
     db = db or Database(settings.DATABASE_URL)
+    wakeup.install(db)  # on PostgreSQL, stored work NOTIFYs the worker processes
     keyring = keyring_for(settings)
     renderer = Renderer(override_dir=settings.TEMPLATES_DIR or None,
                         globals={"brand_name": settings.BRAND_NAME, "support_email": settings.SUPPORT_EMAIL})
@@ -122,7 +124,8 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
                             max_attempts=MAX_ATTEMPTS)
     handler = timed_handler(make_handler(deps, keyring, intercom=intercom_inbound), metrics, clock.now)
     worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher, handler=handler, clock=clock,
-                    idle_sleep=settings.WORKER_IDLE_SECONDS, retention=settings.retention())
+                    idle_sleep=settings.WORKER_IDLE_SECONDS, retention=settings.retention(),
+                    listen=settings.WORKER_LISTEN)
     container = Container(settings=settings, clock=clock, db=db, keyring=keyring, renderer=renderer,
                           metrics=metrics, db_metrics=DatabaseCollector(db, clock, background=True), deps=deps,
                           recovery=recovery, dispatcher=dispatcher, worker=worker, senders=senders)

@@ -6,17 +6,23 @@ import threading
 import time
 from datetime import timedelta
 
+from bot import wakeup
 from bot.logs import unit_of_work
 from recovery import heartbeats, inbox, limits, retention as retention_mod
 from recovery.outbox import EMAIL_LANE, OTHER_LANE
 
 log = logging.getLogger(__name__)
+# After a failed pass (the database restarting, say), try again soon: leases it gave back and messages
+# stored meanwhile should not wait long. The wait doubles while passes keep failing, up to the cap.
+RETRY_FIRST, RETRY_CAP = 0.1, 1.0
 
 
 class Worker:
-    def __init__(self, *, db, recovery, dispatcher, handler, clock, idle_sleep: float = 0.2, retention=None):
+    def __init__(self, *, db, recovery, dispatcher, handler, clock, idle_sleep: float = 0.2, retention=None,
+                 listen: bool = True):
         self.db, self.recovery, self.dispatcher = db, recovery, dispatcher
         self.handler, self.clock, self.idle_sleep = handler, clock, idle_sleep
+        self.listen = listen  # on PostgreSQL, wake on other processes' NOTIFY (bot/wakeup.py)
         self.retention = retention  # when given, the worker purges what is past it once a day
         self.stop_event = threading.Event()
         self.wake_event = threading.Event()
@@ -31,6 +37,14 @@ class Worker:
         """Called by a route that stored an event in this process (`recoverybot serve`), so the
         worker need not sleep out its idle interval before answering."""
         self.wake_event.set()
+
+    def _notified(self, what: str) -> None:
+        """Another process stored work (bot/wakeup.py): email wakes the mail loop, the rest the main one,
+        and a reconnect (after which anything may have been missed) wakes both."""
+        if what != wakeup.EMAIL:
+            self.wake_event.set()
+        if what in (wakeup.EMAIL, wakeup.ANY):
+            self.mail_wake.set()
 
     def _housekeeping(self) -> None:
         """Now and then: say this worker is alive; drop attempt counters older than a day (they can limit
@@ -87,11 +101,14 @@ class Worker:
         email (a slow SMTP server, or the two emails a case start writes) never delays a chat reply,
         and reply timing says nothing about whether an address has an account."""
         log.info("worker started")
+        listener = wakeup.listen(self.db, self._notified, self.stop_event) if self.listen else None
         mail = threading.Thread(target=self._loop, args=(self._mail_pass, self.mail_wake), name="worker-mail",
                                 daemon=True)
         mail.start()
         self._loop(self._main_pass, self.wake_event)
         mail.join(timeout=10)
+        if listener is not None:
+            listener.join(timeout=5)
         log.info("worker stopped")
 
     def _main_pass(self) -> int:
@@ -105,13 +122,21 @@ class Worker:
             return self.dispatcher.run_once(50, EMAIL_LANE)
 
     def _loop(self, one_pass, wake: threading.Event) -> None:
+        retry = RETRY_FIRST
         while not self.stop_event.is_set():
             try:
                 busy = one_pass()
-            except Exception:  # noqa: BLE001 - e.g. the database restarting; try again shortly
-                log.exception("worker pass failed; retrying")
-                busy = 0
-                self.stop_event.wait(2.0)
+                retry = RETRY_FIRST
+            except Exception as exc:  # noqa: BLE001 - e.g. the database restarting; try again shortly
+                # The dispatcher has given back its leases (or will, on the next pass that reaches the
+                # database), so retrying soon is what makes the fault cost seconds.
+                if retry == RETRY_FIRST:
+                    log.exception("worker pass failed; retrying")
+                else:  # one traceback per outage is enough
+                    log.warning("worker pass failed again (%s); retrying in %.1f s", type(exc).__name__, retry)
+                self.stop_event.wait(retry)
+                retry = min(RETRY_CAP, retry * 2)
+                continue
             if not busy:
                 wake.wait(self.idle_sleep)
                 wake.clear()

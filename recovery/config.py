@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     TRUSTED_PROXIES: int = Field(0, ge=0, le=5)
     # How long an idle worker waits before looking for work again (seconds).
     WORKER_IDLE_SECONDS: float = Field(0.2, gt=0, le=60)
+    # On PostgreSQL the worker LISTENs for new work and starts at once; off for a pooler that cannot carry
+    # LISTEN (PgBouncer in transaction mode), leaving polling every WORKER_IDLE_SECONDS.
+    WORKER_LISTEN: bool = True
 
     # Days each kind of personal data is kept once its case (or a conversation without one) is final;
     # `recoverybot purge` and the worker's daily run remove what is older. See docs/security.md.

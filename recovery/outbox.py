@@ -1,14 +1,20 @@
 """The outbox: side effects written in the same transaction as the state change, sent afterwards.
 
 The dispatcher leases ready rows (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so any number of workers can
-run), sends them outside any transaction, then records the outcome. A worker killed mid-send leaves a
-lease that expires, and another pass sends the message again: delivery is at least once, and each
+run), sends them outside any transaction, then records the outcome. Delivery is at least once, and each
 message carries its idempotency key so receivers that can dedupe do.
+
+Leases are short (LEASE) and kept alive while their batch is in progress, so a worker killed mid-pass
+holds its messages for seconds, not minutes. A pass that fails (the database went away mid-pass) gives
+back what it had not finished; when the database is down even for that, the next pass that can reach it
+does so first. Each batch leases under a token of its own, so giving a stale batch back can never touch
+rows that a later batch of the same worker has leased since.
 """
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,7 +28,7 @@ from recovery.models import OutboxMessage
 
 log = logging.getLogger(__name__)
 
-LEASE = timedelta(seconds=120)
+LEASE = timedelta(seconds=10)
 MAX_ATTEMPTS = 8
 BACKOFF_BASE = 2.0       # seconds; doubles each attempt
 BACKOFF_CAP = 15 * 60
@@ -80,14 +86,34 @@ def backoff(attempts: int) -> float:
     return delay * random.uniform(0.8, 1.2)
 
 
+class Batch:
+    """The messages one pass leased, under the token that pass leased them with.
+
+    `open` holds what is still ours and not finished; `tried` what has been handed to a sender (given
+    back, those keep their attempt; the others get it back). `held_until` is when the last renewal
+    runs out: until well before then no other worker can have taken
+    a message, so a send needs no round trip to check. It is read on the clock that wrote `lease_until`,
+    which is the clock other workers compare it with.
+    """
+
+    def __init__(self, token: str, messages: list[Outgoing], leased_at: datetime, lease: timedelta):
+        self.token, self.messages = token, messages
+        self.open = {m.id for m in messages}
+        self.tried: set[int] = set()
+        self.held_until = leased_at + lease
+        self.lock = threading.Lock()  # the renewer thread and the sending thread both renew
+
+
 class Dispatcher:
     def __init__(self, db, *, keyring: Keyring, senders: dict[str, Sender], clock, metrics=None,
-                 max_attempts: int = MAX_ATTEMPTS):
+                 max_attempts: int = MAX_ATTEMPTS, lease: timedelta = LEASE):
         self.db, self.keyring, self.senders, self.clock = db, keyring, senders, clock
-        self.metrics, self.max_attempts = metrics, max_attempts
-        self.owner = uuid.uuid4().hex
+        self.metrics, self.max_attempts, self.lease = metrics, max_attempts, lease
+        self._stranded: list[tuple[str, set[int], set[int]]] = []  # batches a failed pass could not give back
+        self._stranded_lock = threading.Lock()
 
-    def _lease(self, limit: int, lane: Lane | None) -> list[Outgoing]:
+    def _lease(self, limit: int, lane: Lane | None) -> Batch:
+        token = uuid.uuid4().hex
         now = self.clock.now()
         with self.db.transaction() as session:
             query = (select(OutboxMessage)
@@ -102,31 +128,114 @@ class Dispatcher:
             rows = session.scalars(query).all()
             leased = []
             for row in rows:
-                row.lease_until, row.lease_owner = now + LEASE, self.owner
+                row.lease_until, row.lease_owner = now + self.lease, token
                 row.attempts += 1
                 leased.append(Outgoing(row.id, row.kind, row.idempotency_key,
                                        self.keyring.decrypt_json(row.payload_enc), row.attempts))
-            return leased
+        return Batch(token, leased, now, self.lease)
 
     def run_once(self, limit: int = 50, lane: Lane | None = None) -> int:
-        """Send what is due (in `lane` only, when given); returns how many messages were attempted."""
+        """Send what is due (in `lane` only, when given); returns how many messages were attempted.
+
+        Raises when the database fails; what this pass leased is given back first (or, with the
+        database down, by the next pass), so it is sent again within seconds."""
+        self.release_stranded()
         batch = self._lease(limit, lane)
-        for message in batch:
-            if self._renew(message):
-                self._deliver(message)
-        return len(batch)
+        if not batch.messages:
+            return 0
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._keep_renewing, args=(batch, stop), daemon=True,
+                                   name="outbox-lease")
+        renewer.start()
+        try:
+            for message in batch.messages:
+                if self._still_ours(batch, message.id):
+                    batch.tried.add(message.id)
+                    self._deliver(message, batch.token)
+                    with batch.lock:
+                        batch.open.discard(message.id)
+        except BaseException:
+            self._give_back(batch.token, set(batch.open), set(batch.tried))
+            raise
+        finally:
+            stop.set()
+            renewer.join()
+        return len(batch.messages)
 
-    def _renew(self, message: Outgoing) -> bool:
-        """Extend the lease just before sending, so a slow batch cannot outlive it: by the time a late
-        message's turn comes, another worker may have taken it over (False), and then it is theirs."""
+    def _still_ours(self, batch: Batch, message_id: int) -> bool:
+        """Whether the message is still leased to this batch. While the last renewal has more than half
+        its time to run, nobody else can have taken it; past that, renew now (a slow send before it, or
+        a renewer that could not reach the database) and see which messages are left."""
+        if self.clock.now() < batch.held_until - self.lease / 2:
+            return message_id in batch.open
+        self._renew(batch)
+        return message_id in batch.open
+
+    def _renew(self, batch: Batch) -> None:
+        with batch.lock:
+            if not batch.open:
+                return
+            now = self.clock.now()
+            with self.db.transaction() as session:
+                kept = session.scalars(
+                    update(OutboxMessage)
+                    .where(OutboxMessage.id.in_(batch.open), OutboxMessage.status == "pending",
+                           OutboxMessage.lease_owner == batch.token)
+                    .values(lease_until=now + self.lease)
+                    .returning(OutboxMessage.id)).all()
+            lost = batch.open - set(kept)
+            if lost:  # the lease ran out and another worker took these over: they are theirs now
+                log.warning("outbox lease lost for %s message(s); another worker sends them", len(lost))
+            batch.open = set(kept)
+            batch.held_until = now + self.lease
+
+    def _keep_renewing(self, batch: Batch, stop: threading.Event) -> None:
+        """For sends slower than the lease (an SMTP server taking its time): renew the whole batch now
+        and then while the pass is still going."""
+        # Renewed well before it runs out: a renewal delayed by a busy database still lands in time.
+        while not stop.wait(self.lease.total_seconds() / 3):
+            try:
+                self._renew(batch)
+            except Exception as exc:  # noqa: BLE001 - the sending thread renews itself if this stays down
+                log.warning("could not renew outbox leases: %s: %s", type(exc).__name__, exc)
+
+    def _give_back(self, token: str, open_ids: set[int], tried: set[int]) -> None:
+        if not open_ids:
+            return
+        try:
+            self._release(token, open_ids, tried)
+        except Exception as exc:  # noqa: BLE001 - the database is down: the next pass that reaches it does it
+            log.warning("could not give back %s outbox lease(s) yet: %s", len(open_ids), type(exc).__name__)
+            with self._stranded_lock:
+                self._stranded.append((token, open_ids, tried))
+
+    def release_stranded(self) -> None:
+        """Give back what failed passes could not (the database was down then); raises while it still is."""
+        with self._stranded_lock:
+            stranded, self._stranded = self._stranded, []
+        for i, (token, open_ids, tried) in enumerate(stranded):
+            try:
+                self._release(token, open_ids, tried)
+            except BaseException:
+                with self._stranded_lock:
+                    self._stranded.extend(stranded[i:])
+                raise
+
+    def _release(self, token: str, open_ids: set[int], tried: set[int]) -> None:
+        """Clear the lease of rows this batch still holds, so the next pass sends them at once. A message
+        never handed to its sender gets its attempt back: a database blip must not use up its retries."""
+        mine = (OutboxMessage.lease_owner == token, OutboxMessage.status == "pending")
         with self.db.transaction() as session:
-            result = session.execute(update(OutboxMessage)
-                                     .where(OutboxMessage.id == message.id, OutboxMessage.status == "pending",
-                                            OutboxMessage.lease_owner == self.owner)
-                                     .values(lease_until=self.clock.now() + LEASE))
-        return result.rowcount == 1
+            untried = open_ids - tried
+            if untried:
+                session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(untried), *mine)
+                                .values(lease_until=None, attempts=OutboxMessage.attempts - 1))
+            if open_ids & tried:
+                session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(open_ids & tried), *mine)
+                                .values(lease_until=None))
+        log.info("gave back %s outbox lease(s) of a failed pass", len(open_ids))
 
-    def _deliver(self, message: Outgoing) -> None:
+    def _deliver(self, message: Outgoing, token: str) -> None:
         sender = self.senders.get(message.kind)
         error, permanent = None, False
         try:
@@ -148,7 +257,7 @@ class Dispatcher:
                 values = dict(next_attempt_at=now + timedelta(seconds=backoff(message.attempt)),
                               lease_until=None, last_error=error[:2000])
             session.execute(update(OutboxMessage)
-                            .where(OutboxMessage.id == message.id, OutboxMessage.lease_owner == self.owner)
+                            .where(OutboxMessage.id == message.id, OutboxMessage.lease_owner == token)
                             .values(**values))
         outcome = "sent" if error is None else values["status"] if "status" in values else "retry"
         if self.metrics:

@@ -353,11 +353,11 @@ def test_a_batch_slower_than_its_lease_is_not_sent_twice(any_db_url, make_contai
     sent, lock = [], threading.Lock()
 
     class SlowLink(RecordingSender):
-        """Each send takes 40 s of (manual) time, as a struggling mail server would; midway through
-        the batch the other worker makes a pass."""
+        """Each send takes 0.4 leases of (manual) time, as a struggling mail server would, so the batch
+        takes four leases; midway through the batch the other worker makes a pass."""
 
         def send(self, message):
-            clock.advance(seconds=40)
+            clock.advance(seconds=outbox.LEASE.total_seconds() * 0.4)
             super().send(message)
             if len(sent) == 5:
                 other.run_once()

@@ -1,0 +1,107 @@
+"""Cross-process wake-up on PostgreSQL: a transaction that stores an inbox event or an outbox message
+sends a NOTIFY, which PostgreSQL delivers when (and only if) it commits; the worker LISTENs on a
+connection of its own and starts a pass at once instead of on its next idle tick.
+
+Polling stays: a worker that is not listening (reconnecting after a database restart, or WORKER_LISTEN
+off because a pooler in transaction mode cannot carry LISTEN) still finds the work on its next tick.
+On SQLite there is one process (`recoverybot serve`) and routes call `Worker.wake()` directly.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from sqlalchemy import event, func, select
+
+from recovery.models import InboxEvent, OutboxMessage
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "recoverybot_work"
+INBOX, EMAIL, OUTBOX = "inbox", "email", "outbox"  # what was stored; EMAIL wakes the mail loop only
+ANY = "any"  # (re)connected: whatever was stored while not listening is waiting
+RECONNECT_FIRST, RECONNECT_CAP = 0.2, 2.0  # seconds between attempts while the database is down
+
+
+def install(db) -> None:
+    """Make every write transaction of `db` that adds inbox events or outbox messages notify on commit."""
+    if not db.is_postgres:
+        return
+    if not event.contains(db.sessions, "after_flush", _notify_new_work):
+        event.listen(db.sessions, "after_flush", _notify_new_work)
+
+
+def _notify_new_work(session, _flush_context) -> None:
+    # session.new still lists what this flush inserted. NOTIFY is transactional: a rolled-back
+    # transaction notifies nobody, and repeats of one payload within a transaction are folded into one.
+    stored = set()
+    for obj in session.new:
+        if isinstance(obj, InboxEvent):
+            stored.add(INBOX)
+        elif isinstance(obj, OutboxMessage):
+            stored.add(EMAIL if obj.kind == "email" else OUTBOX)
+    for what in sorted(stored):
+        session.connection().execute(select(func.pg_notify(CHANNEL, what)))
+
+
+def listen(db, on_notify: Callable[[str], None], stop: threading.Event) -> threading.Thread | None:
+    """Start a thread that calls `on_notify(what)` for each notification until `stop` is set; None
+    (polling only) on SQLite or with a driver that cannot receive notifications."""
+    if not db.is_postgres:
+        return None
+    dialect = db.engine.dialect
+    if not hasattr(dialect.loaded_dbapi, "Connection") or not hasattr(dialect.loaded_dbapi.Connection, "notifies"):
+        log.warning("the PostgreSQL driver cannot LISTEN; the worker polls only")
+        return None
+    thread = threading.Thread(target=_run, args=(db, on_notify, stop), name="worker-listen", daemon=True)
+    thread.start()
+    return thread
+
+
+def _connect(db):
+    """A connection outside the pool (it is held for as long as the worker runs), made with the same
+    arguments SQLAlchemy uses, with keepalives so a vanished server is noticed."""
+    dialect = db.engine.dialect
+    cargs, cparams = dialect.create_connect_args(db.engine.url)
+    cparams = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+               "connect_timeout": 5} | dict(cparams)
+    conn = dialect.loaded_dbapi.connect(*cargs, **cparams)
+    conn.autocommit = True
+    conn.execute(f"LISTEN {CHANNEL}")
+    return conn
+
+
+def _run(db, on_notify, stop: threading.Event) -> None:
+    delay = RECONNECT_FIRST
+    connected_before = False
+    while not stop.is_set():
+        try:
+            conn = _connect(db)
+        except Exception as exc:  # noqa: BLE001 - the database is down or restarting: try again soon
+            if connected_before and delay == RECONNECT_FIRST:
+                log.warning("wake-up listener lost the database (%s); reconnecting", type(exc).__name__)
+            stop.wait(delay)
+            delay = min(RECONNECT_CAP, delay * 2)
+            continue
+        if connected_before:
+            log.info("wake-up listener reconnected")
+        connected_before, delay = True, RECONNECT_FIRST
+        on_notify(ANY)  # anything stored while nobody listened
+        try:
+            _receive(conn, on_notify, stop)
+        except Exception as exc:  # noqa: BLE001 - connection lost: reconnect (polling covers the gap)
+            log.warning("wake-up listener lost the database (%s); reconnecting", type(exc).__name__)
+        finally:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+                pass
+
+
+def _receive(conn, on_notify, stop: threading.Event) -> None:
+    # notifies(timeout=...) (psycopg 3.2) returns after its timeout, so `stop` is seen within a second; a
+    # connection the server closed (a restart) raises from it, which sends us back to reconnect.
+    while not stop.is_set():
+        for note in conn.notifies(timeout=1.0):
+            on_notify(note.payload)
