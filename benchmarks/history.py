@@ -4,7 +4,7 @@
     nice .venv/bin/python benchmarks/history.py                  # 1k, then 1M rows; about 5 minutes
     nice .venv/bin/python benchmarks/history.py --rows 20000 --messages 40      # a quick run
     options: --base-rows N  --rows N  --messages N  --concurrency C  --poll-interval S
-             --pg-admin-url URL  --json FILE
+             --stats analysed|never  --pg-admin-url URL  --json FILE
 
 One run, one scratch database (created through --pg-admin-url and dropped afterwards), migrated to head:
   1. --base-rows (1,000) rows of finished history in every table a message touches or sits beside
@@ -14,7 +14,8 @@ One run, one scratch database (created through --pg-admin-url and dropped afterw
      thread of the same process). C clients, each in its own chat, send "what is 2fa?" and poll until
      the bot's reply is visible: end-to-end latency, POST sent -> reply received.
   3. The same tables grow to --rows (1,000,000) rows each, with the server still up (VACUUM ANALYZE
-     and a CHECKPOINT after, as autovacuum and the checkpointer would do in their own time).
+     and a CHECKPOINT after, as autovacuum and the checkpointer would do in their own time; with
+     --stats never, no ANALYZE and autovacuum off for those tables, so the planner has no statistics).
   4. The same measurement again; then EXPLAIN ANALYZE of the three queue claims at that size.
 The ratio of the two p50s is the figure (target: at most 1.2). Figures: docs/performance.md.
 """
@@ -36,20 +37,25 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.dialects import postgresql
 
 # benchmarks/ is on the path when run as a script
-from history_seed import counts, seed
+from history_seed import TABLES, counts, seed
 from webchat import (PG_ADMIN_URL, QUESTION, Server, db_version, machine_busy, phase_e2e, probe_replies,
                      scratch_database)
 
 
-def grow(url: str, start: int, stop: int) -> float:
-    """Seeds rows start..stop, then analyses and checkpoints; returns the seconds it took."""
+def grow(url: str, start: int, stop: int, analyse: bool) -> float:
+    """Seeds rows start..stop, then analyses (unless told not to: autovacuum is then off for the seeded
+    tables, so they stay never-analysed) and checkpoints; returns the seconds it took."""
     t0 = time.perf_counter()
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
+            if not analyse:
+                for table in TABLES:
+                    conn.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
             seed(conn, start, stop)
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE"))
+            if analyse:
+                conn.execute(text("VACUUM ANALYZE"))
             conn.execute(text("CHECKPOINT"))
     finally:
         engine.dispose()
@@ -111,13 +117,13 @@ def run(args) -> dict:
             scratch_database("postgres", workdir, args.pg_admin_url) as url:
         version = db_version("postgres", url)
         print(f"== seeding {args.base_rows} rows per table", file=sys.stderr)
-        seed_small = grow(url, 1, args.base_rows)
+        seed_small = grow(url, 1, args.base_rows, args.stats == "analysed")
         server = Server(url, workdir, idle_sleep=None)
         try:
             server.start_worker()
             small = measure(server, args, f"{args.base_rows:,} rows")
             print(f"== growing to {args.rows:,} rows per table", file=sys.stderr)
-            seed_large = grow(url, args.base_rows + 1, args.rows)
+            seed_large = grow(url, args.base_rows + 1, args.rows, args.stats == "analysed")
             large = measure(server, args, f"{args.rows:,} rows")
         finally:
             server.stop()
@@ -141,7 +147,7 @@ def render(res: dict, args) -> str:
     s, l = res["small"]["e2e"], res["large"]["e2e"]
     lines = [f"History benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, {res['version']}; "
              f"web chat end-to-end (POST -> reply visible), {args.concurrency} clients, {args.messages} "
-             f"messages per size, poll every {args.poll_interval * 1e3:.0f} ms.",
+             f"messages per size, poll every {args.poll_interval * 1e3:.0f} ms; tables {args.stats}.",
              "",
              "| rows per table | n | err | msgs/s | p50 ms | p99 ms | seeding s |",
              "|---:|---:|---:|---:|---:|---:|---:|",
@@ -175,6 +181,9 @@ def main(argv=None) -> int:
     p.add_argument("--text", default=QUESTION, help=f"the customer message (default {QUESTION!r})")
     p.add_argument("--pg-admin-url", default=PG_ADMIN_URL,
                    help="PostgreSQL URL used to create and drop the scratch database (env BENCH_PG_ADMIN_URL)")
+    p.add_argument("--stats", choices=["analysed", "never"], default="analysed",
+                   help="VACUUM ANALYZE after seeding (default), or leave the tables never analysed, with "
+                        "autovacuum off for them, as a new deployment's tables are before autovacuum's turn")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.base_rows < 4 or args.rows <= args.base_rows or args.base_rows % 4:
