@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, inspect, text
 
 from benchmarks.history_seed import TABLES, seed
 from recovery import db as dbmod, inbox, timers
@@ -24,6 +24,7 @@ from recovery.outbox import EMAIL_LANE, OTHER_LANE
 from tests.conftest import PG_ADMIN_URL
 
 HISTORY = 20_000
+WAITING = {"ix_inbox_pending_id", "ix_inbox_pending_conversation", "ix_timers_open_due", "ix_outbox_pending_id"}
 PARTIAL = {"inbox_events": {"ix_inbox_pending_id", "ix_inbox_pending_conversation"},
            "timers": {"ix_timers_open_due"},
            "outbox": {"ix_outbox_pending_id"}}
@@ -214,6 +215,64 @@ def test_inbox_keeps_each_conversation_in_order_through_failures(any_db_url, mak
         assert rows["a1"].payload == {"key": "a1"}  # the redelivery changed nothing
         assert rows["c1"].processed_at is None and rows["c1"].attempts == inbox.MAX_ATTEMPTS
         assert all(rows[k].processed_at is not None for k in ("a1", "b1", "a2", "c2"))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def migrated_url(request, tmp_path):
+    """A database of its own, migrated to head, on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'migrated.db'}"
+        dbmod.upgrade(url)
+        yield url
+        return
+    try:
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        name = f"rb_migrated_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    dbmod.upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def test_migrations_build_the_partial_indexes_the_models_declare(migrated_url):
+    """Migration 0009 builds each partial index with the predicate recovery/models.py gives it, it goes
+    down to 0008 and up again, and the migrated schema has what the models declare."""
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from recovery.models import Base
+
+    command.downgrade(dbmod.alembic_config(migrated_url), "0008")
+    engine = create_engine(migrated_url)
+    with engine.connect() as conn:
+        old = {ix["name"] for t in ("inbox_events", "timers", "outbox") for ix in inspect(conn).get_indexes(t)}
+    assert {"ix_inbox_pending", "ix_timers_due", "ix_outbox_ready"} <= old and not old & WAITING
+    command.upgrade(dbmod.alembic_config(migrated_url), "head")
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        if conn.dialect.name == "postgresql":
+            built = dict(conn.execute(text("SELECT indexname, indexdef FROM pg_indexes WHERE indexname IN "
+                                           "('ix_inbox_pending_id', 'ix_inbox_pending_conversation', "
+                                           "'ix_timers_open_due', 'ix_outbox_pending_id')")).all())
+        else:
+            built = dict(conn.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'index'")).all())
+    engine.dispose()
+    declared = {ix.name: ix for table in Base.metadata.tables.values() for ix in table.indexes}
+    for name in WAITING:
+        where = str(declared[name].dialect_options[conn.dialect.name]["where"])
+        words = re.findall(r"\w+|'\w+'", where)
+        predicate = re.sub(r"::\w+", "", built[name].split(" WHERE ", 1)[1])  # PostgreSQL's added casts
+        assert re.findall(r"\w+|'\w+'", predicate) == words, (name, built[name])
+    assert not {"ix_inbox_pending", "ix_timers_due", "ix_outbox_ready"} & set(declared)
 
 
 def test_history_benchmark_runs_small(pg_server_url, tmp_path):
