@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does a web-chat message cost the same with a million rows of history as with a thousand? (PostgreSQL)
 
-    nice .venv/bin/python benchmarks/history.py                  # 1k, then 1M rows; about 5 minutes
+    nice .venv/bin/python benchmarks/history.py                  # 1k, then 1M rows; about 70 s
     nice .venv/bin/python benchmarks/history.py --rows 20000 --messages 40      # a quick run
     options: --base-rows N  --rows N  --messages N  --concurrency C  --poll-interval S
              --stats analysed|never  --pg-admin-url URL  --json FILE
