@@ -51,9 +51,9 @@ def _eligible():
 
     Written as "its id is its conversation's smallest waiting id" rather than "no older event waits":
     the planner turns NOT EXISTS into an anti-join and, trusting statistics that say the queue is empty,
-    reads every waiting event for each candidate. This scalar subquery stays a per-candidate probe of the
-    (conversation_key, id) partial index, whatever the statistics say; the outer scan walks the
-    waiting events' own partial index in id order, so processed history is never read.
+    reads every waiting event for each candidate. This scalar subquery stays a per-candidate probe of a
+    partial index of waiting events (by conversation, once statistics show a backlog), and the outer scan
+    walks the waiting events in id order, so processed history is never read (tests/test_claims.py).
     """
     first = aliased(InboxEvent)
     oldest_in_conversation = (select(func.min(first.id))
