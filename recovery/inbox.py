@@ -10,8 +10,9 @@ import logging
 from datetime import datetime
 from typing import Callable
 
-from sqlalchemy import exists, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
 from recovery.models import InboxEvent
@@ -22,34 +23,46 @@ MAX_ATTEMPTS = 5
 
 def add(session: Session, *, source: str, delivery_key: str, conversation_key: str, payload: dict,
         now: datetime) -> bool:
-    """Add the event in the caller's transaction; False when that delivery key is already stored."""
-    if session.scalar(select(InboxEvent.id).where(InboxEvent.delivery_key == delivery_key)):
-        return False
-    session.add(InboxEvent(delivery_key=delivery_key, source=source, conversation_key=conversation_key,
-                           payload=payload, received_at=now))
-    session.flush()
-    return True
+    """Add the event in the caller's transaction; False when that delivery key is already stored.
+
+    One INSERT ... ON CONFLICT DO NOTHING: no look-up first, and a redelivery racing the first delivery
+    waits for it and then inserts nothing, instead of failing on the unique key."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    result = session.execute(
+        insert(InboxEvent)
+        .values(delivery_key=delivery_key, source=source, conversation_key=conversation_key, payload=payload,
+                received_at=now, attempts=0)
+        .on_conflict_do_nothing(index_elements=[InboxEvent.delivery_key])
+        .returning(InboxEvent.id))
+    return result.scalar() is not None
 
 
 def store(db, **fields) -> bool:
     """Store the event in its own transaction; False for a redelivery."""
-    try:
-        with db.transaction() as session:
-            return add(session, **fields)
-    except IntegrityError:  # two deliveries racing: the unique key lets exactly one in
-        return False
+    with db.transaction() as session:
+        return add(session, **fields)
 
 
 Handler = Callable[..., None]
 
 
 def _eligible():
-    earlier = aliased(InboxEvent)
+    """The oldest event that is the oldest still waiting in its own conversation.
+
+    Written as "its id is its conversation's smallest waiting id" rather than "no older event waits":
+    the planner turns NOT EXISTS into an anti-join and, trusting statistics that say the queue is empty,
+    reads every waiting event for each candidate. This scalar subquery stays a per-candidate probe of a
+    partial index of waiting events (by conversation, once statistics show a backlog), and the outer scan
+    walks the waiting events in id order, so processed history is never read (tests/test_claims.py).
+    """
+    first = aliased(InboxEvent)
+    oldest_in_conversation = (select(func.min(first.id))
+                              .where(first.conversation_key == InboxEvent.conversation_key,
+                                     first.processed_at.is_(None), first.attempts < MAX_ATTEMPTS)
+                              .scalar_subquery())
     return (select(InboxEvent)
             .where(InboxEvent.processed_at.is_(None), InboxEvent.attempts < MAX_ATTEMPTS,
-                   ~exists().where(earlier.conversation_key == InboxEvent.conversation_key,
-                                   earlier.processed_at.is_(None), earlier.attempts < MAX_ATTEMPTS,
-                                   earlier.id < InboxEvent.id))
+                   InboxEvent.id == oldest_in_conversation)
             .order_by(InboxEvent.id).limit(1))
 
 
