@@ -30,6 +30,7 @@ def install(db) -> None:
         return
     if not event.contains(db.sessions, "after_flush", _notify_new_work):
         event.listen(db.sessions, "after_flush", _notify_new_work)
+        event.listen(db.sessions, "do_orm_execute", _notify_inserted_events)
 
 
 def _notify_new_work(session, _flush_context) -> None:
@@ -43,6 +44,13 @@ def _notify_new_work(session, _flush_context) -> None:
             stored.add(EMAIL if obj.kind == "email" else OUTBOX)
     for what in sorted(stored):
         session.connection().execute(select(func.pg_notify(CHANNEL, what)))
+
+
+def _notify_inserted_events(state) -> None:
+    # The inbox stores events with one INSERT ... ON CONFLICT statement, which no flush sees. A redelivery
+    # that inserts nothing still notifies: the worker then finds nothing new, which costs one empty pass.
+    if state.is_insert and getattr(getattr(state.statement, "table", None), "name", None) == InboxEvent.__tablename__:
+        state.session.connection().execute(select(func.pg_notify(CHANNEL, INBOX)))
 
 
 def listen(db, on_notify: Callable[[str], None], stop: threading.Event) -> threading.Thread | None:

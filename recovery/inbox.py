@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Callable
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
@@ -44,6 +45,10 @@ def store(db, **fields) -> bool:
 
 
 Handler = Callable[..., None]
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def _eligible():
@@ -100,7 +105,9 @@ def process_one(db, handler: Handler, now_fn) -> bool:
             event.processed_at = now_fn()
         return True
     except Exception as exc:  # noqa: BLE001 - a poisoned event must not stop the queue
-        if event_id is None:
+        if event_id is None or _connection_lost(exc):
+            # A dropped connection says nothing about the event: it was not processed, and a database
+            # restart must not use up its attempts. The worker's pass fails and is retried shortly.
             raise
         log.exception("inbox event %s failed", event_id)
         with db.transaction() as session:

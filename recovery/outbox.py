@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import literal_column, select, update
 from sqlalchemy.orm import Session
 
 from recovery.crypto import Keyring
@@ -29,6 +29,9 @@ from recovery.models import OutboxMessage
 log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=10)
+# Written into the SQL, not bound: only then can a prepared (generic) plan on PostgreSQL, and SQLite's
+# planner, match the partial index `ix_outbox_pending_id ... WHERE status = 'pending'`.
+PENDING = literal_column("'pending'")
 MAX_ATTEMPTS = 8
 BACKOFF_BASE = 2.0       # seconds; doubles each attempt
 BACKOFF_CAP = 15 * 60
@@ -117,7 +120,7 @@ class Dispatcher:
         now = self.clock.now()
         with self.db.transaction() as session:
             query = (select(OutboxMessage)
-                     .where(OutboxMessage.status == "pending", OutboxMessage.next_attempt_at <= now,
+                     .where(OutboxMessage.status == PENDING, OutboxMessage.next_attempt_at <= now,
                             (OutboxMessage.lease_until.is_(None)) | (OutboxMessage.lease_until < now))
                      .order_by(OutboxMessage.id).limit(limit))
             if lane is not None:

@@ -169,22 +169,31 @@ def test_a_pass_cut_off_by_the_database_gives_back_its_leases_when_it_returns(cl
     assert [r.attempts for r in rows] == [2, 1, 1, 1, 1]
 
 
+def leased(c) -> int:
+    return sum(1 for row in outbox_rows(c) if row.lease_until is not None)
+
+
 def test_a_send_slower_than_the_lease_keeps_it(pg_url, make_container):
     """The renewer keeps a batch's leases while one send takes longer than a whole lease, so a second
-    dispatcher polling meanwhile takes nothing; then a dispatcher that dies holding leases loses them
-    within the lease."""
-    lease = timedelta(seconds=0.6)
+    dispatcher polling meanwhile takes nothing. (A dispatcher that dies holding leases loses them within
+    the lease: the SIGKILL test above.)"""
+    lease = timedelta(seconds=1.2)
     c = make_container(pg_url)
     keys = [f"faults:slow:{i}" for i in range(3)]
     queue_emails(c, keys)
     log, lock = [], threading.Lock()
     slow = Dispatcher(c.db, keyring=c.keyring, clock=c.clock, lease=lease,
-                      senders={"email": RecordingSender("slow", log, lock, delay=1.0)})
+                      senders={"email": RecordingSender("slow", log, lock, delay=1.5)})
     other = Dispatcher(c.db, keyring=c.keyring, clock=c.clock, lease=lease,
                        senders={"email": RecordingSender("other", log, lock)})
     taken = []
     worker = threading.Thread(target=slow.run_once)
     worker.start()
+    # The other dispatcher starts polling only once the slow one holds the batch.
+    deadline = time.monotonic() + 10
+    while leased(c) < len(keys):
+        assert time.monotonic() < deadline, "the slow dispatcher never leased the batch"
+        time.sleep(0.01)
     while worker.is_alive():
         taken.append(other.run_once())
         time.sleep(0.1)
@@ -250,3 +259,29 @@ def test_webhooks_meeting_a_stopped_database_get_503_and_store_nothing(cluster, 
     finally:
         intercom.close()
         slack.close()
+
+
+def test_an_inbox_event_cut_off_by_a_database_restart_keeps_its_attempts(cluster, private_url, make_container):
+    """A restart while an event is being handled says nothing about the event: it is not processed, it
+    keeps all five attempts, and the next pass after the restart processes it."""
+    from recovery import inbox
+    from sqlalchemy import text
+
+    c = make_container(private_url)
+    assert inbox.store(c.db, source="webchat", delivery_key="faults:inbox:1", conversation_key="conv-1",
+                       payload={"text": "hello"}, now=c.clock.now())
+
+    def restarted_midway(session, event):
+        cluster.stop()
+        session.execute(text("SELECT 1"))  # the connection is gone
+
+    with pytest.raises(sa_exc.DBAPIError) as raised:
+        inbox.process_one(c.db, restarted_midway, c.clock.now)
+    assert raised.value.connection_invalidated
+    cluster.start()
+    assert cluster.query("SELECT attempts, processed_at FROM inbox_events")[0] == (0, None)
+
+    handled = []
+    assert inbox.process_one(c.db, lambda session, event: handled.append(event.delivery_key), c.clock.now)
+    assert handled == ["faults:inbox:1"]
+    assert cluster.query("SELECT attempts, processed_at IS NOT NULL FROM inbox_events")[0] == (0, True)
