@@ -63,25 +63,40 @@ _PENDING = "recoverybot_audit_pending"
 
 @event.listens_for(Session, "before_commit")
 def _chain_pending(session: Session) -> None:
+    """Chain and write the queued records: one read of the head, one INSERT, one head update.
+
+    The head row's lock serialises appends, so the chain never forks. Ids are the head's last id plus
+    one, given here rather than by the table's sequence: the hash covers the id, and knowing it before
+    the INSERT saves an UPDATE per record. A row that already holds the next id (someone wrote to the
+    table by hand) makes the append fail rather than chain around it.
+    """
     pending = session.info.pop(_PENDING, None)
     if not pending:
         return
-    if session.get_bind().dialect.name == "postgresql":
-        # appends are serialised so the chain never forks; SQLite already has one writer at a time
-        session.execute(text("SELECT pg_advisory_xact_lock(9137001)"))
-    head = session.get(AuditHead, 1, with_for_update=True, populate_existing=True)
-    prev_hash = head.last_hash if head else GENESIS
+    head = _locked_head(session)
+    if head is None:
+        head = AuditHead(id=1, last_id=0, last_hash=GENESIS)
+        session.add(head)
+    last_id, prev_hash = head.last_id, head.last_hash
+    records = []
     for fields in pending:
-        rec = AuditRecord(prev_hash=prev_hash, hash="", **fields)
-        session.add(rec)
-        session.flush()  # assigns the id, which the hash covers
+        last_id += 1
+        rec = AuditRecord(id=last_id, prev_hash=prev_hash, hash="", **fields)
         rec.hash = prev_hash = _digest(prev_hash, _fields(rec))
-        if head is None:
-            head = AuditHead(id=1, last_id=rec.id, last_hash=rec.hash)
-            session.add(head)
-        else:
-            head.last_id, head.last_hash = rec.id, rec.hash
+        records.append(rec)
+    session.add_all(records)
+    head.last_id, head.last_hash = last_id, prev_hash
     session.flush()
+
+
+def _locked_head(session: Session) -> AuditHead | None:
+    head = session.get(AuditHead, 1, with_for_update=True, populate_existing=True)
+    if head is None and session.get_bind().dialect.name == "postgresql":
+        # No row to lock yet (the very first append): two first appends wait on each other here, and
+        # the second then finds the head the first wrote. SQLite already has one writer at a time.
+        session.execute(text("SELECT pg_advisory_xact_lock(9137001)"))
+        head = session.get(AuditHead, 1, with_for_update=True, populate_existing=True)
+    return head
 
 
 @event.listens_for(Session, "after_soft_rollback")

@@ -47,6 +47,12 @@ def step_up_failure_key(approver: str) -> str:
     return f"step_up_failed:{approver}"
 
 
+def initiators(session: Session, case: Case) -> set[str]:
+    """CaseService.initiators, for a caller with a session but no service (a read-only request)."""
+    conv = session.get(Conversation, case.conversation_id) if case.conversation_id else None
+    return {case.opened_by} | set((conv.data or {}).get("initiators", []) if conv else [])
+
+
 def new_case_id() -> str:
     alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
     return "RC-" + "".join(secrets.choice(alphabet) for _ in range(8))
@@ -191,8 +197,7 @@ class CaseService:
     def initiators(self, case: Case) -> set[str]:
         """Who may not decide on this case: whoever opened it, and every teammate who started a recovery in
         its conversation (a customer who then switches address opens a new case, started all the same)."""
-        conv = self.s.get(Conversation, case.conversation_id) if case.conversation_id else None
-        return {case.opened_by} | set((conv.data or {}).get("initiators", []) if conv else [])
+        return initiators(self.s, case)
 
     def _owner_notice_due(self, profile) -> bool:
         # A refused start still tells the owner, but at most once in a while: new chat sessions are free,
@@ -329,7 +334,8 @@ class CaseService:
                                   "you opened this case for the customer, so someone else must decide")
         if case.state != State.AWAITING_APPROVAL:
             raise IllegalTransition(case.id, decision, case.state)
-        if self.s.scalar(select(Approval.id).where(Approval.case_id == case.id, Approval.approver == approver)):
+        decided = list(self.s.scalars(select(Approval).where(Approval.case_id == case.id)))
+        if any(a.approver == approver for a in decided):
             raise ApprovalRefused(case.id, approver, "already_decided", "you already decided on this case")
         if decision == "deny":
             return self._deny(case, approver, reason, channel)
@@ -337,8 +343,7 @@ class CaseService:
             raise ValueError(f"unknown decision {decision!r}")
         rule = self.policy.rule(case.risk_level)
         in_security = approver in self.deps.security_approver_ids
-        previous = list(self.s.scalars(select(Approval).where(Approval.case_id == case.id,
-                                                              Approval.decision == "approve")))
+        previous = [a for a in decided if a.decision == "approve"]
         would_complete = len(previous) + 1 >= rule.approvals
         if (rule.needs_security_approver and would_complete and not in_security
                 and not any(a.security_group for a in previous)):

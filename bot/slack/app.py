@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from bot.slack import card
 from recovery import audit
+from recovery.cases import initiators
 from recovery.errors import ApprovalRefused, IllegalTransition, NotFound, StepUpRequired
 from recovery.machine import State
 from recovery.models import Case, SlackCard
@@ -86,34 +87,42 @@ class Approvals:
                                                                         message=extra.get("message", "")))
             self.client.chat_postEphemeral(channel=channel_id, user=user, text=text)
 
-    def initiators(self, case: Case) -> set[str]:
-        with self.c.recovery.service() as svc:
-            return svc.initiators(case)
-
-    def case_for_message(self, body: dict) -> Case | None:
+    def click_context(self, body: dict) -> tuple[Case | None, set[str], str]:
+        """What a click needs from the database, read in one read-only transaction (no write lock on
+        SQLite, no commit): the case the card is on, who may not decide on it, and the owner's masked
+        address for the modal. The case is found by the message the button is on."""
         container = _dict(body.get("container"))
         channel = _dict(body.get("channel")).get("id") or container.get("channel_id")
         ts = _dict(body.get("message")).get("ts") or container.get("message_ts")
         if not channel or not ts:
-            return None
-        with self.c.db.transaction() as s:
-            row = s.scalar(select(SlackCard).where(SlackCard.channel == channel, SlackCard.message_ts == ts))
-            return s.get(Case, row.case_id) if row else None
+            return None, set(), "-"
+        with self.c.db.reading() as s:
+            case = s.scalar(select(Case).join(SlackCard, SlackCard.case_id == Case.id)
+                            .where(SlackCard.channel == channel, SlackCard.message_ts == ts))
+            if case is None:
+                return None, set(), "-"
+            found = case, initiators(s, case), self._masked_email(s, case)
+            s.expunge(case)  # keeps its loaded state through the read-only transaction's rollback
+            return found
+
+    def _masked_email(self, session, case: Case) -> str:
+        profile = self.c.deps.directory_for(session).get(case.account_id) if case.account_id else None
+        return card.mask_email(profile.email) if profile else "-"
 
     # ---- buttons ------------------------------------------------------------------------------------
 
     def on_button(self, ack, body, action):
         ack()
         channel_id = _dict(body.get("channel")).get("id")
-        case = self.case_for_message(body)
         reason = self.refusal(body)
         if reason:
-            self._refuse(body, reason, case, channel_id)
+            self._refuse(body, reason, self.click_context(body)[0], channel_id)
             return
+        case, initiators_, masked = self.click_context(body)
         if case is None:
             self._refuse(body, "unknown", None, channel_id, message="This card is not linked to a case.")
             return
-        if _user_id(body) in self.initiators(case):
+        if _user_id(body) in initiators_:
             # refused at the click, so the initiator never gets a modal (the domain refuses a submission too)
             self._refuse(body, "initiator", case, channel_id)
             return
@@ -125,13 +134,14 @@ class Approvals:
             return
         deciding = action.get("action_id") == card.APPROVE
         self.client.views_open(trigger_id=body["trigger_id"],
-                               view=self._modal(case, approve=deciding, channel_id=channel_id))
+                               view=self._modal(case, approve=deciding, channel_id=channel_id, masked_email=masked))
 
-    def _modal(self, case: Case, *, approve: bool, channel_id: str | None, notice: str | None = None) -> dict:
-        with self.c.db.transaction() as s:
-            directory = self.c.deps.directory_for(s)
-            profile = directory.get(case.account_id) if case.account_id else None
-        ctx = dict(case=case, masked_email=card.mask_email(profile.email) if profile else "-")
+    def _modal(self, case: Case, *, approve: bool, channel_id: str | None, notice: str | None = None,
+               masked_email: str | None = None) -> dict:
+        if masked_email is None:
+            with self.c.db.reading() as s:
+                masked_email = self._masked_email(s, case)
+        ctx = dict(case=case, masked_email=masked_email)
         text = self.c.renderer.block(card.TEMPLATE, "approve_modal_text" if approve else "deny_modal_text", ctx)
         blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
         if notice:
