@@ -47,9 +47,14 @@ def step_up_failure_key(approver: str) -> str:
     return f"step_up_failed:{approver}"
 
 
-def initiators(session: Session, case: Case) -> set[str]:
-    """CaseService.initiators, for a caller with a session but no service (a read-only request)."""
-    conv = session.get(Conversation, case.conversation_id) if case.conversation_id else None
+_LOOK_UP = object()
+
+
+def initiators(session: Session, case: Case, conv=_LOOK_UP) -> set[str]:
+    """CaseService.initiators, for a caller with a session but no service (a read-only request).
+    `conv` is the case's conversation (or None) when the caller has already read it."""
+    if conv is _LOOK_UP:
+        conv = session.get(Conversation, case.conversation_id) if case.conversation_id else None
     return {case.opened_by} | set((conv.data or {}).get("initiators", []) if conv else [])
 
 
@@ -326,10 +331,15 @@ class CaseService:
     def decide(self, case_id: str, *, approver: str, decision: str, reason: str | None = None,
                step_up_code: str | None = None, channel: str = "cli") -> Case:
         """Record one approver's decision; raises ApprovalRefused (or a subclass) and changes nothing."""
-        case = self.get(case_id, lock=True)
+        # the case, locked, with its conversation (who started it) in the same round trip
+        row = self.s.execute(select(Case, Conversation).outerjoin(Conversation, Conversation.key == Case.conversation_id)
+                             .where(Case.id == case_id).with_for_update(of=Case)).first()
+        if row is None:
+            raise NotFound("case", case_id)
+        case, conv = row
         if approver not in self.deps.approver_ids and approver not in self.deps.security_approver_ids:
             raise ApprovalRefused(case.id, approver, "not_authorized", f"{approver} is not an approver")
-        if approver in self.initiators(case):
+        if approver in initiators(self.s, case, conv):
             raise ApprovalRefused(case.id, approver, "initiator",
                                   "you opened this case for the customer, so someone else must decide")
         if case.state != State.AWAITING_APPROVAL:
