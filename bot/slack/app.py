@@ -20,7 +20,7 @@ from recovery import audit
 from recovery.cases import initiators
 from recovery.errors import ApprovalRefused, IllegalTransition, NotFound, StepUpRequired
 from recovery.machine import State
-from recovery.models import Case, SlackCard
+from recovery.models import Case, Conversation, SlackCard
 
 log = logging.getLogger(__name__)
 APPROVE_VIEW, DENY_VIEW = "approve_modal", "deny_modal"
@@ -88,26 +88,34 @@ class Approvals:
             self.client.chat_postEphemeral(channel=channel_id, user=user, text=text)
 
     def click_context(self, body: dict) -> tuple[Case | None, set[str], str]:
-        """What a click needs from the database, read in one read-only transaction (no write lock on
-        SQLite, no commit): the case the card is on, who may not decide on it, and the owner's masked
-        address for the modal. The case is found by the message the button is on."""
+        """What a click needs from the database, in one query of one read-only transaction (no write
+        lock on SQLite, no commit): the case the card is on, who may not decide on it, and the owner's
+        masked address for the modal. The case is found by the message the button is on."""
         container = _dict(body.get("container"))
         channel = _dict(body.get("channel")).get("id") or container.get("channel_id")
         ts = _dict(body.get("message")).get("ts") or container.get("message_ts")
         if not channel or not ts:
             return None, set(), "-"
         with self.c.db.reading() as s:
-            case = s.scalar(select(Case).join(SlackCard, SlackCard.case_id == Case.id)
-                            .where(SlackCard.channel == channel, SlackCard.message_ts == ts))
-            if case is None:
+            row = s.execute(select(Case, Conversation).join(SlackCard, SlackCard.case_id == Case.id)
+                            .outerjoin(Conversation, Conversation.key == Case.conversation_id)
+                            .where(SlackCard.channel == channel, SlackCard.message_ts == ts)).first()
+            if row is None:
                 return None, set(), "-"
-            found = case, initiators(s, case), self._masked_email(s, case)
+            case, conv = row
+            found = case, initiators(s, case, conv), self._masked_email(s, case)
             s.expunge(case)  # keeps its loaded state through the read-only transaction's rollback
             return found
 
     def _masked_email(self, session, case: Case) -> str:
-        profile = self.c.deps.directory_for(session).get(case.account_id) if case.account_id else None
-        return card.mask_email(profile.email) if profile else "-"
+        """The address the case writes to, as kept on the case since it opened; the directory only for
+        a case opened before the case kept it."""
+        if case.owner_contact_enc:
+            email = self.c.keyring.decrypt_json(case.owner_contact_enc).get("email")
+        else:
+            profile = self.c.deps.directory_for(session).get(case.account_id) if case.account_id else None
+            email = profile.email if profile else None
+        return card.mask_email(email) if email else "-"
 
     # ---- buttons ------------------------------------------------------------------------------------
 
