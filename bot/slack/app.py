@@ -7,7 +7,9 @@ re-read from the database by the message the button is on; the button's value is
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 
 from slack_bolt import App
@@ -40,8 +42,9 @@ def make_client(settings) -> WebClient:
 class Approvals:
     """The listeners, with what they need; registered on a Bolt App by `register`."""
 
-    def __init__(self, container, client: WebClient):
+    def __init__(self, container, client: WebClient, acks_first: AcksFirst | None = None):
         self.c, self.client = container, client
+        self.acks_first = acks_first or AcksFirst(limit=0)
         self.approvers = set(container.settings.SLACK_APPROVER_IDS)
         self.security = set(container.settings.SLACK_SECURITY_APPROVER_IDS)
         self._team_id = container.settings.SLACK_TEAM_ID or None
@@ -121,6 +124,7 @@ class Approvals:
 
     def on_button(self, ack, body, action):
         ack()
+        self.acks_first.wait()
         channel_id = _dict(body.get("channel")).get("id")
         reason = self.refusal(body)
         if reason:
@@ -312,16 +316,56 @@ def bolt_logger() -> logging.Logger:
     return logger
 
 
+class AcksFirst:
+    """Requests of this process still waiting for their ack, so that work done after an ack (reading the
+    case, opening the modal) can let them go first.
+
+    A burst of clicks otherwise shares the interpreter between acks and the earlier clicks' modals, and
+    the acks, which Slack times, come out last. A modal waits at most `limit` seconds for them."""
+
+    def __init__(self, limit: float = 0.1):
+        self.limit, self.pending, self.changed = limit, 0, threading.Condition()
+
+    @contextmanager
+    def request(self):
+        with self.changed:
+            self.pending += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.pending -= 1
+                if not self.pending:
+                    self.changed.notify_all()
+
+    def wait(self) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.pending == 0, timeout=self.limit)
+
+
+class _App(App):
+    def __init__(self, *args, acks_first: AcksFirst, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.acks_first = acks_first
+
+    def dispatch(self, req):
+        # Bolt's dispatch returns once the listener has acked (it runs on in Bolt's own pool)
+        with self.acks_first.request():
+            return super().dispatch(req)
+
+
 def build_app(container, client: WebClient) -> App:
     settings = container.settings
     logging.getLogger("slack_bolt").setLevel(logging.WARNING)
     # Verification stays on even in Socket Mode, whose requests Bolt itself exempts; the HTTP route
     # is only mounted when there is a signing secret to check (bot/web.py).
-    app = App(client=client, signing_secret=settings.SLACK_SIGNING_SECRET.strip(), logger=bolt_logger(),
+    acks_first = AcksFirst()
+    app = _App(client=client, signing_secret=settings.SLACK_SIGNING_SECRET.strip(), logger=bolt_logger(),
+               acks_first=acks_first,
               token_verification_enabled=False, ssl_check_enabled=False, url_verification_enabled=True,
               request_verification_enabled=True,
               listener_executor=ThreadPoolExecutor(max_workers=LISTENER_THREADS, thread_name_prefix="slack-listener"))
-    approvals = Approvals(container, client)
+    approvals = Approvals(container, client, acks_first)
     app.action(card.APPROVE)(approvals.on_button)
     app.action(card.DENY)(approvals.on_button)
     app.view(APPROVE_VIEW)(approvals.on_submit)
