@@ -332,7 +332,8 @@ class CaseService:
                step_up_code: str | None = None, channel: str = "cli") -> Case:
         """Record one approver's decision; raises ApprovalRefused (or a subclass) and changes nothing."""
         # the case, locked, with its conversation (who started it) in the same round trip
-        row = self.s.execute(select(Case, Conversation).outerjoin(Conversation, Conversation.key == Case.conversation_id)
+        row = self.s.execute(select(Case, Conversation)
+                             .outerjoin(Conversation, Conversation.key == Case.conversation_id)
                              .where(Case.id == case_id).with_for_update(of=Case)).first()
         if row is None:
             raise NotFound("case", case_id)

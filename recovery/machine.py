@@ -2,7 +2,8 @@
 
 `fire()` is the only code that changes `Case.state`. It refuses an event that the table does not allow
 from the current state, moves the state with a compare-and-set UPDATE (so two racing callers produce
-exactly one transition; RETURNING reads the row back in the same statement), and appends a hash-chained audit record in the same transaction.
+exactly one transition; RETURNING reads the row back in the same statement), and appends a hash-chained
+audit record in the same transaction.
 Guards that depend on policy (enough approvals, a passed code check) are checked by the service
 before it fires the event; the table is about which moves exist at all.
 """
