@@ -29,8 +29,10 @@ APPROVE_VIEW, DENY_VIEW = "approve_modal", "deny_modal"
 # Bolt runs listeners on a pool of 5 threads by default, and a click is only acked once a pool thread
 # picks it up. Each click's views.open waits on Slack (0.1-0.3 s), so with 5 threads a burst of 50
 # clicks is acked about 2 s late, close to Slack's 3 s limit and the trigger_id's life (see
-# docs/performance.md). Listeners hold a database connection only briefly, never while calling Slack.
-LISTENER_THREADS = 32
+# docs/performance.md). 32 were not enough either: gunicorn's processes do not share a burst evenly, so
+# one process can get 35 of 50 clicks, and the clicks beyond its pool waited for a views.open to return.
+# Listeners hold a database connection only briefly, never while calling Slack.
+LISTENER_THREADS = 64
 
 
 def make_client(settings) -> WebClient:
