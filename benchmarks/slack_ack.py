@@ -2,12 +2,14 @@
 """Benchmark of the Slack approval path: how fast a click is acknowledged, and how fast a decision is made.
 
     .venv/bin/python benchmarks/slack_ack.py [--clicks 50] [--rounds 6] [--api-latency 0.2]
+                                             [--serve gunicorn|werkzeug] [--processes 2] [--threads 8]
                                              [--pg-admin-url URL] [--json FILE]
 
 Slack gives an app 3 seconds to acknowledge a click, and a modal can only be opened with the click's
 trigger_id within those 3 seconds. This measures, on PostgreSQL, against two apps served the same way
-(werkzeug's threaded `make_server` in a child process, the same signing secret and the same signed
-request bodies):
+(by default as `recoverybot web` serves: gunicorn with --processes gthread workers of --threads threads,
+each process building its own app; --serve werkzeug: one threaded werkzeug process), with the same
+signing secret and the same signed request bodies:
 
   bare  a slack-bolt App whose listeners only call ack(), behind the same Flask adapter;
   ours  the product: bot.wiring.build + bot.web.create_app, with Slack pointed at a local fake Slack Web
@@ -96,38 +98,62 @@ def bare_app(slack_url: str):
     return flask
 
 
-def server_main(kind: str, conf: dict, port: int, ready) -> None:
-    from werkzeug.serving import make_server
+def ours_app(conf: dict):
+    from bot.web import create_app
+    from bot.wiring import build
+    from recovery.config import load_settings
 
+    return create_app(build(load_settings(**conf)))  # the web process; no worker, like `recoverybot web`
+
+
+def server_main(kind: str, conf: dict, port: int, ready, serve: dict) -> None:
+    """Serve one app. `serve["mode"]` is "gunicorn" (as `recoverybot web` does: gthread workers, each
+    process building its own app) or "werkzeug" (one threaded process, as `recoverybot serve`)."""
     logging.basicConfig(level=logging.WARNING, format=f"{kind} server: %(levelname)s %(name)s: %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    if kind == "bare":
-        app = bare_app(conf["SLACK_API_URL"])
-    else:
-        from bot.web import create_app
-        from bot.wiring import build
-        from recovery.config import load_settings
 
-        app = create_app(build(load_settings(**conf)))  # the web process; no worker, like `recoverybot web`
-    server = make_server("127.0.0.1", port, app, threaded=True)
-    ready.set()
-    server.serve_forever()
+    def factory():
+        return bare_app(conf["SLACK_API_URL"]) if kind == "bare" else ours_app(conf)
+
+    if serve["mode"] == "werkzeug":
+        from werkzeug.serving import make_server
+
+        server = make_server("127.0.0.1", port, factory(), threaded=True)
+        ready.set()
+        server.serve_forever()
+        return
+    from gunicorn.app.base import BaseApplication
+
+    class Served(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"127.0.0.1:{port}")
+            self.cfg.set("workers", serve["processes"])
+            self.cfg.set("threads", serve["threads"])
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("backlog", 2048)
+            self.cfg.set("loglevel", "warning")
+            self.cfg.set("when_ready", lambda _arbiter: ready.set())
+
+        def load(self):
+            return factory()
+
+    Served().run()
 
 
 class Server:
-    def __init__(self, kind: str, conf: dict, port: int):
+    def __init__(self, kind: str, conf: dict, port: int, serve: dict):
         ctx = mp.get_context("spawn")
         ready = ctx.Event()
         self.url = f"http://127.0.0.1:{port}/slack/events"
-        self.proc = ctx.Process(target=server_main, args=(kind, conf, port, ready), daemon=True)
+        self.proc = ctx.Process(target=server_main, args=(kind, conf, port, ready, serve), daemon=False)
         self.proc.start()
         if not ready.wait(60):
             self.stop()
             raise RuntimeError(f"the {kind} server did not start")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.join(timeout=10)
+        self.proc.terminate()  # gunicorn's arbiter stops its workers on SIGTERM
+        self.proc.join(timeout=30)
 
 
 # ---- cases and cards, made through the product's own code ----------------------------------------------
@@ -249,8 +275,14 @@ def main(argv=None) -> int:
     p.add_argument("--api-latency", type=float, default=0.2,
                    help="seconds the slow fake Slack API takes to answer (default 0.2)")
     p.add_argument("--pg-admin-url", default=PG_ADMIN_URL, help="creates and drops the scratch database")
+    p.add_argument("--serve", choices=("gunicorn", "werkzeug"), default="gunicorn",
+                   help="how both apps are served (default gunicorn, as `recoverybot web`)")
+    p.add_argument("--processes", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "2")),
+                   help="gunicorn worker processes for both apps (default WEB_CONCURRENCY or 2)")
+    p.add_argument("--threads", type=int, default=8, help="gunicorn threads per process for both apps (default 8)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
+    serve = {"mode": args.serve, "processes": args.processes, "threads": args.threads}
     started = time.perf_counter()
 
     from bot.wiring import build
@@ -278,11 +310,16 @@ def main(argv=None) -> int:
         print(f"{len(click_cases)} cases to click on, {len(decide_cases)} to decide; setup "
               f"{time.perf_counter() - started:.0f} s", flush=True)
 
-        servers = {kind: Server(kind, conf, ports[kind]) for kind in ("bare", "ours")}
+        servers = {kind: Server(kind, conf, ports[kind], serve) for kind in ("bare", "ours")}
         warm = [button_click("approve_case", case_id=k, channel=ch, message_ts=ts, user=APPROVER)
                 for k, (ch, ts) in list(card_of.items())[:5]]
         for server in servers.values():
-            burst(server.url, warm)  # first request: imports, auth.test, connection pool
+            # first requests: every process's imports, auth.test and connection pool (gunicorn's
+            # processes boot after the arbiter is ready, so until all answer)
+            for _ in range(3 * args.processes):
+                if all(status == 200 for _, _, status in burst(server.url, warm * 4)):
+                    break
+                time.sleep(1)
 
         rows: list[dict] = []
         fake.latency = 0.0
@@ -308,7 +345,10 @@ def main(argv=None) -> int:
         engine.dispose()
         one_each = len(decided) == len(decide_cases) and all(n == 1 for _, n in decided)
 
-        print(f"\nPostgreSQL, {args.clicks} concurrent requests per burst, {args.rounds} bursts per phase and app; "
+        served = (f"gunicorn, {args.processes} processes x {args.threads} threads (gthread)" if args.serve == "gunicorn"
+                  else "werkzeug threaded server, one process")
+        print(f"\nPostgreSQL, both apps served by {served}; {args.clicks} concurrent requests per burst, "
+              f"{args.rounds} bursts per phase and app; "
               f"{os.cpu_count()} CPUs, Python {platform.python_version()}; Slack's limit is {SLACK_LIMIT:.0f} s\n")
         print(render(rows))
         print(f"\nevery decided case holds exactly one approval: {one_each} ({len(decided)}/{len(decide_cases)})")

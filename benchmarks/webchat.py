@@ -327,8 +327,7 @@ class Stats:
     max_ms: float = 0.0
 
 
-SEGMENTS = ("POST -> stored", "waiting for the worker", "handling", "outbox -> transcript",
-            "transcript -> client poll")
+SEGMENTS = ("POST -> stored", "waiting for the worker", "turn", "commit -> client poll")
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -556,32 +555,28 @@ class Backlog:
 
     def breakdown(self, timeline: list[tuple[str, float, float]]) -> dict | None:
         """Where the time of each (c) message went, from the rows' own timestamps (same machine clock):
-        POST sent -> stored (inbox received_at) -> picked up by the worker (its reply's outbox created_at,
-        taken when the dialog starts) -> handled (processed_at) -> reply in the transcript (chat message
-        created_at) -> seen by the client's poll. Returns mean and p50 ms per segment, or None when the
-        rows cannot be matched (the outbox key is f"{conversation}:{event id}:{n}" today)."""
+        POST sent -> stored (inbox received_at) -> picked up by the worker (its reply's created_at, the
+        turn's clock, taken when the dialog starts) -> turn done (processed_at, just before the commit)
+        -> seen by the client's poll (the commit, then up to one poll interval). The reply is written in
+        the turn's own transaction, keyed f"{conversation}:{event id}:{n}". Returns mean and p50 ms per
+        segment, or None when no rows match."""
         from recovery.models import ChatMessage
 
-        E, O, C = self.InboxEvent, self.OutboxMessage, ChatMessage
+        E, C = self.InboxEvent, ChatMessage
         client = {key: (sent, seen) for key, sent, seen in timeline}
         with self.engine.connect() as conn:
             events = conn.execute(
                 select(E.id, E.delivery_key, E.conversation_key, E.received_at, E.processed_at)
                 .where(E.source == "webchat", E.processed_at.is_not(None))).all()
-            outbox = {row.idempotency_key: row.created_at for row in
-                      conn.execute(select(O.idempotency_key, O.created_at).where(O.kind == "chat"))}
             shown = {row.source_key: row.created_at for row in
                      conn.execute(select(C.source_key, C.created_at).where(C.source_key.is_not(None)))}
         segments: dict[str, list[float]] = {k: [] for k in SEGMENTS}
         for ev in events:
-            if ev.delivery_key not in client:
-                continue
             key = f"{ev.conversation_key}:{ev.id}:0"
-            if key not in outbox or key not in shown:
+            if ev.delivery_key not in client or key not in shown:
                 continue
             sent, seen = client[ev.delivery_key]
-            points = [sent, ev.received_at.timestamp(), outbox[key].timestamp(), ev.processed_at.timestamp(),
-                      shown[key].timestamp(), seen]
+            points = [sent, ev.received_at.timestamp(), shown[key].timestamp(), ev.processed_at.timestamp(), seen]
             for name, a, b in zip(SEGMENTS, points, points[1:]):
                 segments[name].append(b - a)
         n = len(segments[SEGMENTS[0]])

@@ -153,10 +153,12 @@ class WebChatTranscript:
 
     def write(self, session, *, conversation: str, message: str, locale: str, buttons: list[str],
               context: dict, key: str, now) -> None:
+        """No check for an earlier copy: the reply commits with what caused it (the turn, the case change),
+        so it cannot have been written before; `source_key` is unique all the same."""
         session_id = conversation.split(":", 1)[1]
-        session.get(ChatSession, session_id, with_for_update=True)  # see post_message
-        if key and session.scalar(select(ChatMessage.seq).where(ChatMessage.source_key == key)):
-            return
+        if session.get_bind().dialect.name == "postgresql":
+            # see post_message; SQLite's writers already run one at a time
+            session.get(ChatSession, session_id, with_for_update=True)
         session.add(ChatMessage(session_id=session_id, sender="bot",
                                 text=self.renderer.chat(message, locale, context),
                                 buttons=_buttons(self.renderer, locale, buttons), source_key=key,
@@ -173,6 +175,9 @@ class WebChatSender:
         p = message.payload
         try:
             with self.db.transaction() as s:
+                # an outbox message can be sent twice (a lease that ran out mid-send): once is enough
+                if s.scalar(select(ChatMessage.seq).where(ChatMessage.source_key == message.idempotency_key)):
+                    return
                 self.transcript.write(s, conversation=p["conversation"], message=p["message"],
                                       locale=p["locale"], buttons=p.get("buttons", []),
                                       context=p.get("context", {}), key=message.idempotency_key,

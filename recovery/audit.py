@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import event, select, text
+from sqlalchemy import event, insert, select, text
 from sqlalchemy.orm import Session
 
 from recovery.models import AuditHead, AuditRecord
@@ -63,25 +63,101 @@ _PENDING = "recoverybot_audit_pending"
 
 @event.listens_for(Session, "before_commit")
 def _chain_pending(session: Session) -> None:
+    """Chain and write the queued records, as the last thing before the commit.
+
+    The head row's lock serialises appends, so the chain never forks. Ids are the head's last id plus
+    one, given here rather than by the table's sequence, because the hash covers the id. A row that
+    already holds the next id (someone wrote to the table by hand) makes the append fail rather than
+    chain around it.
+
+    On PostgreSQL one statement locks the head, chains the records, inserts them and moves the head
+    (`_APPEND`). Every decision appends, so the head's lock is the one place where concurrent decisions
+    queue; each round trip while it is held also waits for this thread to get the interpreter back
+    from the process's other request threads, and under a burst that wait, not the SQL, made the queue.
+    """
     pending = session.info.pop(_PENDING, None)
     if not pending:
         return
-    if session.get_bind().dialect.name == "postgresql":
-        # appends are serialised so the chain never forks; SQLite already has one writer at a time
-        session.execute(text("SELECT pg_advisory_xact_lock(9137001)"))
-    head = session.get(AuditHead, 1, with_for_update=True, populate_existing=True)
-    prev_hash = head.last_hash if head else GENESIS
+    if session.get_bind().dialect.name == "postgresql" and _append_in_one_statement(session, pending):
+        return
+    head = _locked_head(session)
+    new_head = head is None
+    last_id, prev_hash = (0, GENESIS) if new_head else (head.last_id, head.last_hash)
+    rows = []
     for fields in pending:
-        rec = AuditRecord(prev_hash=prev_hash, hash="", **fields)
-        session.add(rec)
-        session.flush()  # assigns the id, which the hash covers
+        last_id += 1
+        rec = AuditRecord(id=last_id, prev_hash=prev_hash, hash="", **fields)
         rec.hash = prev_hash = _digest(prev_hash, _fields(rec))
-        if head is None:
-            head = AuditHead(id=1, last_id=rec.id, last_hash=rec.hash)
-            session.add(head)
-        else:
-            head.last_id, head.last_hash = rec.id, rec.hash
+        rows.append(dict(fields, id=rec.id, prev_hash=rec.prev_hash, hash=rec.hash))
+    if new_head:
+        session.add(AuditHead(id=1, last_id=last_id, last_hash=prev_hash))
+    else:
+        head.last_id, head.last_hash = last_id, prev_hash
     session.flush()
+    session.execute(insert(AuditRecord).values(rows))
+
+
+def _locked_head(session: Session) -> AuditHead | None:
+    head = session.get(AuditHead, 1, with_for_update=True, populate_existing=True)
+    if head is None and session.get_bind().dialect.name == "postgresql":
+        # No row to lock yet (the very first append): two first appends wait on each other here, and
+        # the second then finds the head the first wrote. SQLite already has one writer at a time.
+        session.execute(text("SELECT pg_advisory_xact_lock(9137001)"))
+        head = session.get(AuditHead, 1, with_for_update=True, populate_existing=True)
+    return head
+
+
+def _id_split(fields: dict) -> tuple[str, str]:
+    """The JSON `_digest` hashes for a record with these fields, as the text before and after its id
+    (keys are sorted, and "id" falls between "from" and "reason")."""
+    body = {k: v for k, v in _fields(AuditRecord(id=0, **fields)).items() if k != "id"}
+    before = json.dumps({k: v for k, v in body.items() if k < "id"}, sort_keys=True, separators=(",", ":"),
+                        ensure_ascii=False)
+    after = json.dumps({k: v for k, v in body.items() if k > "id"}, sort_keys=True, separators=(",", ":"),
+                       ensure_ascii=False)
+    return before[:-1] + ',"id":', "," + after[1:]
+
+
+_COLUMNS = ("case_id", "event", "from_state", "to_state", "actor", "channel", "reason", "at")
+
+
+def _append_in_one_statement(session: Session, pending: list[dict]) -> bool:
+    """PostgreSQL: the whole append in one statement (sha256 in the database, on the same bytes as
+    `_digest`). False, having changed nothing, when there is no head yet (the very first append)."""
+    params, rows = {"count": len(pending)}, []
+    for n, fields in enumerate(pending, start=1):
+        params[f"pre{n}"], params[f"post{n}"] = _id_split(fields)
+        params.update({f"{col}{n}": fields[col] for col in _COLUMNS})
+        rows.append(f"({n}, CAST(:pre{n} AS text), CAST(:post{n} AS text), "
+                    + ", ".join(f"CAST(:{col}{n} AS {'timestamptz' if col == 'at' else 'text'})" for col in _COLUMNS)
+                    + ")")
+    written = session.execute(text(_APPEND.replace("{items}", ",\n".join(rows))), params).rowcount
+    if written == 0:
+        return False
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, AuditHead):
+            session.expire(obj)  # the statement moved it
+    return True
+
+
+_APPEND = """
+WITH RECURSIVE
+old AS (SELECT last_id, last_hash FROM audit_head WHERE id = 1 FOR UPDATE),
+items (n, pre, post, case_id, event, from_state, to_state, actor, channel, reason, at) AS (VALUES {items}),
+chain (n, id, prev, hash) AS (
+    SELECT i.n, o.last_id + 1, CAST(o.last_hash AS text),
+           encode(sha256(convert_to(o.last_hash || i.pre || CAST(o.last_id + 1 AS text) || i.post, 'UTF8')), 'hex')
+    FROM old o JOIN items i ON i.n = 1
+    UNION ALL
+    SELECT i.n, c.id + 1, CAST(c.hash AS text),
+           encode(sha256(convert_to(c.hash || i.pre || CAST(c.id + 1 AS text) || i.post, 'UTF8')), 'hex')
+    FROM chain c JOIN items i ON i.n = c.n + 1),
+moved AS (UPDATE audit_head SET last_id = c.id, last_hash = c.hash FROM chain c
+          WHERE audit_head.id = 1 AND c.n = :count)
+INSERT INTO audit_log (id, case_id, event, from_state, to_state, actor, channel, reason, at, prev_hash, hash)
+SELECT c.id, i.case_id, i.event, i.from_state, i.to_state, i.actor, i.channel, i.reason, i.at, c.prev, c.hash
+FROM chain c JOIN items i ON i.n = c.n
+"""
 
 
 @event.listens_for(Session, "after_soft_rollback")

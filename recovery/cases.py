@@ -47,6 +47,17 @@ def step_up_failure_key(approver: str) -> str:
     return f"step_up_failed:{approver}"
 
 
+_LOOK_UP = object()
+
+
+def initiators(session: Session, case: Case, conv=_LOOK_UP) -> set[str]:
+    """CaseService.initiators, for a caller with a session but no service (a read-only request).
+    `conv` is the case's conversation (or None) when the caller has already read it."""
+    if conv is _LOOK_UP:
+        conv = session.get(Conversation, case.conversation_id) if case.conversation_id else None
+    return {case.opened_by} | set((conv.data or {}).get("initiators", []) if conv else [])
+
+
 def new_case_id() -> str:
     alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
     return "RC-" + "".join(secrets.choice(alphabet) for _ in range(8))
@@ -191,8 +202,7 @@ class CaseService:
     def initiators(self, case: Case) -> set[str]:
         """Who may not decide on this case: whoever opened it, and every teammate who started a recovery in
         its conversation (a customer who then switches address opens a new case, started all the same)."""
-        conv = self.s.get(Conversation, case.conversation_id) if case.conversation_id else None
-        return {case.opened_by} | set((conv.data or {}).get("initiators", []) if conv else [])
+        return initiators(self.s, case)
 
     def _owner_notice_due(self, profile) -> bool:
         # A refused start still tells the owner, but at most once in a while: new chat sessions are free,
@@ -321,15 +331,22 @@ class CaseService:
     def decide(self, case_id: str, *, approver: str, decision: str, reason: str | None = None,
                step_up_code: str | None = None, channel: str = "cli") -> Case:
         """Record one approver's decision; raises ApprovalRefused (or a subclass) and changes nothing."""
-        case = self.get(case_id, lock=True)
+        # the case, locked, with its conversation (who started it) in the same round trip
+        row = self.s.execute(select(Case, Conversation)
+                             .outerjoin(Conversation, Conversation.key == Case.conversation_id)
+                             .where(Case.id == case_id).with_for_update(of=Case)).first()
+        if row is None:
+            raise NotFound("case", case_id)
+        case, conv = row
         if approver not in self.deps.approver_ids and approver not in self.deps.security_approver_ids:
             raise ApprovalRefused(case.id, approver, "not_authorized", f"{approver} is not an approver")
-        if approver in self.initiators(case):
+        if approver in initiators(self.s, case, conv):
             raise ApprovalRefused(case.id, approver, "initiator",
                                   "you opened this case for the customer, so someone else must decide")
         if case.state != State.AWAITING_APPROVAL:
             raise IllegalTransition(case.id, decision, case.state)
-        if self.s.scalar(select(Approval.id).where(Approval.case_id == case.id, Approval.approver == approver)):
+        decided = list(self.s.scalars(select(Approval).where(Approval.case_id == case.id)))
+        if any(a.approver == approver for a in decided):
             raise ApprovalRefused(case.id, approver, "already_decided", "you already decided on this case")
         if decision == "deny":
             return self._deny(case, approver, reason, channel)
@@ -337,8 +354,7 @@ class CaseService:
             raise ValueError(f"unknown decision {decision!r}")
         rule = self.policy.rule(case.risk_level)
         in_security = approver in self.deps.security_approver_ids
-        previous = list(self.s.scalars(select(Approval).where(Approval.case_id == case.id,
-                                                              Approval.decision == "approve")))
+        previous = [a for a in decided if a.decision == "approve"]
         would_complete = len(previous) + 1 >= rule.approvals
         if (rule.needs_security_approver and would_complete and not in_security
                 and not any(a.security_group for a in previous)):

@@ -2,7 +2,8 @@
 
 `fire()` is the only code that changes `Case.state`. It refuses an event that the table does not allow
 from the current state, moves the state with a compare-and-set UPDATE (so two racing callers produce
-exactly one transition), and appends a hash-chained audit record in the same transaction.
+exactly one transition; RETURNING reads the row back in the same statement), and appends a hash-chained
+audit record in the same transaction.
 Guards that depend on policy (enough approvals, a passed code check) are checked by the service
 before it fires the event; the table is about which moves exist at all.
 """
@@ -83,18 +84,19 @@ def fire(session: Session, case: Case, event: str, *, actor: str, channel: str, 
         raise IllegalTransition(case.id, event, case.state)
     source = case.state
     final = transition.target in FINAL
-    result = session.execute(
+    # One round trip: the guard is in the WHERE, and RETURNING refreshes `case` in the same statement.
+    moved = session.execute(
         update(Case)
         .where(Case.id == case.id, Case.state == source, Case.version == case.version)
         .values(state=transition.target.value, version=Case.version + 1, updated_at=now,
                 final_reason=(note or reason) if final else Case.final_reason,
                 closed_at=now if final else Case.closed_at)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
+        .returning(Case)
+        .execution_options(populate_existing=True, synchronize_session=False)
+    ).scalar_one_or_none()
+    if moved is None:
         session.refresh(case)
         raise ConcurrentChange(case.id, event, case.state)
-    session.refresh(case)
     audit.append(session, case_id=case.id, event=event, from_state=source,
                  to_state=transition.target.value, actor=actor, channel=channel, reason=reason, note=note,
                  at=now)

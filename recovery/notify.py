@@ -22,7 +22,8 @@ CANCEL_LINK_DAYS = 30
 class ChatWriter(Protocol):
     def write(self, session: Session, *, conversation: str, message: str, locale: str, buttons: list[str],
               context: dict, key: str, now: datetime) -> None:
-        """Store the rendered reply in `session` (the caller's transaction), once per `key`."""
+        """Store the rendered reply in `session` (the caller's transaction). It commits together with what
+        caused it, so it is written once; `key` identifies it."""
 
 
 @dataclass

@@ -189,7 +189,9 @@ def test_card_shows_what_an_approver_needs_and_no_secret_ever_reaches_slack(sqli
     assert INTERCOM_URL.format(id="881234") in card
     assert [b["action_id"] for b in post["blocks"][-1]["elements"]] == ["approve_case", "deny_case"]
 
-    r.submit(r.modal(case_id, ALICE), ALICE)
+    view = r.modal(case_id, ALICE)
+    assert "a•••@example.com" in view["blocks"][0]["text"]["text"]  # the address the case writes to, masked
+    r.submit(view, ALICE)
     r.drain()  # approved, then the 0 h notice window: reset, hold and the enroll link by email
     assert get_case(c, case_id).state == "link_sent"
 

@@ -7,7 +7,9 @@ re-read from the database by the message the button is on; the button's value is
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 
 from slack_bolt import App
@@ -17,17 +19,20 @@ from sqlalchemy import select
 
 from bot.slack import card
 from recovery import audit
+from recovery.cases import initiators
 from recovery.errors import ApprovalRefused, IllegalTransition, NotFound, StepUpRequired
 from recovery.machine import State
-from recovery.models import Case, SlackCard
+from recovery.models import Case, Conversation, SlackCard
 
 log = logging.getLogger(__name__)
 APPROVE_VIEW, DENY_VIEW = "approve_modal", "deny_modal"
 # Bolt runs listeners on a pool of 5 threads by default, and a click is only acked once a pool thread
 # picks it up. Each click's views.open waits on Slack (0.1-0.3 s), so with 5 threads a burst of 50
 # clicks is acked about 2 s late, close to Slack's 3 s limit and the trigger_id's life (see
-# docs/performance.md). Listeners hold a database connection only briefly, never while calling Slack.
-LISTENER_THREADS = 32
+# docs/performance.md). 32 were not enough either: gunicorn's processes do not share a burst evenly, so
+# one process can get 35 of 50 clicks, and the clicks beyond its pool waited for a views.open to return.
+# Listeners hold a database connection only briefly, never while calling Slack.
+LISTENER_THREADS = 64
 
 
 def make_client(settings) -> WebClient:
@@ -39,8 +44,9 @@ def make_client(settings) -> WebClient:
 class Approvals:
     """The listeners, with what they need; registered on a Bolt App by `register`."""
 
-    def __init__(self, container, client: WebClient):
+    def __init__(self, container, client: WebClient, acks_first: AcksFirst | None = None):
         self.c, self.client = container, client
+        self.acks_first = acks_first or AcksFirst(limit=0)
         self.approvers = set(container.settings.SLACK_APPROVER_IDS)
         self.security = set(container.settings.SLACK_SECURITY_APPROVER_IDS)
         self._team_id = container.settings.SLACK_TEAM_ID or None
@@ -86,34 +92,51 @@ class Approvals:
                                                                         message=extra.get("message", "")))
             self.client.chat_postEphemeral(channel=channel_id, user=user, text=text)
 
-    def initiators(self, case: Case) -> set[str]:
-        with self.c.recovery.service() as svc:
-            return svc.initiators(case)
-
-    def case_for_message(self, body: dict) -> Case | None:
+    def click_context(self, body: dict) -> tuple[Case | None, set[str], str]:
+        """What a click needs from the database, in one query of one read-only transaction (no write
+        lock on SQLite, no commit): the case the card is on, who may not decide on it, and the owner's
+        masked address for the modal. The case is found by the message the button is on."""
         container = _dict(body.get("container"))
         channel = _dict(body.get("channel")).get("id") or container.get("channel_id")
         ts = _dict(body.get("message")).get("ts") or container.get("message_ts")
         if not channel or not ts:
-            return None
-        with self.c.db.transaction() as s:
-            row = s.scalar(select(SlackCard).where(SlackCard.channel == channel, SlackCard.message_ts == ts))
-            return s.get(Case, row.case_id) if row else None
+            return None, set(), "-"
+        with self.c.db.reading() as s:
+            row = s.execute(select(Case, Conversation).join(SlackCard, SlackCard.case_id == Case.id)
+                            .outerjoin(Conversation, Conversation.key == Case.conversation_id)
+                            .where(SlackCard.channel == channel, SlackCard.message_ts == ts)).first()
+            if row is None:
+                return None, set(), "-"
+            case, conv = row
+            found = case, initiators(s, case, conv), self._masked_email(s, case)
+            s.expunge(case)  # keeps its loaded state through the read-only transaction's rollback
+            return found
+
+    def _masked_email(self, session, case: Case) -> str:
+        """The address the case writes to, as kept on the case since it opened; the directory only for
+        a case opened before the case kept it."""
+        if case.owner_contact_enc:
+            email = self.c.keyring.decrypt_json(case.owner_contact_enc).get("email")
+        else:
+            profile = self.c.deps.directory_for(session).get(case.account_id) if case.account_id else None
+            email = profile.email if profile else None
+        return card.mask_email(email) if email else "-"
 
     # ---- buttons ------------------------------------------------------------------------------------
 
     def on_button(self, ack, body, action):
         ack()
+        self.acks_first.wait()
         channel_id = _dict(body.get("channel")).get("id")
-        case = self.case_for_message(body)
         reason = self.refusal(body)
         if reason:
-            self._refuse(body, reason, case, channel_id)
+            self._refuse(body, reason, self.click_context(body)[0], channel_id)
             return
+        case, initiators_, masked = self.click_context(body)
         if case is None:
             self._refuse(body, "unknown", None, channel_id, message="This card is not linked to a case.")
             return
-        if _user_id(body) in self.initiators(case):
+        if _user_id(body) in initiators_:
             # refused at the click, so the initiator never gets a modal (the domain refuses a submission too)
             self._refuse(body, "initiator", case, channel_id)
             return
@@ -125,13 +148,14 @@ class Approvals:
             return
         deciding = action.get("action_id") == card.APPROVE
         self.client.views_open(trigger_id=body["trigger_id"],
-                               view=self._modal(case, approve=deciding, channel_id=channel_id))
+                               view=self._modal(case, approve=deciding, channel_id=channel_id, masked_email=masked))
 
-    def _modal(self, case: Case, *, approve: bool, channel_id: str | None, notice: str | None = None) -> dict:
-        with self.c.db.transaction() as s:
-            directory = self.c.deps.directory_for(s)
-            profile = directory.get(case.account_id) if case.account_id else None
-        ctx = dict(case=case, masked_email=card.mask_email(profile.email) if profile else "-")
+    def _modal(self, case: Case, *, approve: bool, channel_id: str | None, notice: str | None = None,
+               masked_email: str | None = None) -> dict:
+        if masked_email is None:
+            with self.c.db.reading() as s:
+                masked_email = self._masked_email(s, case)
+        ctx = dict(case=case, masked_email=masked_email)
         text = self.c.renderer.block(card.TEMPLATE, "approve_modal_text" if approve else "deny_modal_text", ctx)
         blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
         if notice:
@@ -294,16 +318,56 @@ def bolt_logger() -> logging.Logger:
     return logger
 
 
+class AcksFirst:
+    """Requests of this process still waiting for their ack, so that work done after an ack (reading the
+    case, opening the modal) can let them go first.
+
+    A burst of clicks otherwise shares the interpreter between acks and the earlier clicks' modals, and
+    the acks, which Slack times, come out last. A modal waits at most `limit` seconds for them."""
+
+    def __init__(self, limit: float = 0.1):
+        self.limit, self.pending, self.changed = limit, 0, threading.Condition()
+
+    @contextmanager
+    def request(self):
+        with self.changed:
+            self.pending += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.pending -= 1
+                if not self.pending:
+                    self.changed.notify_all()
+
+    def wait(self) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.pending == 0, timeout=self.limit)
+
+
+class _App(App):
+    def __init__(self, *args, acks_first: AcksFirst, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.acks_first = acks_first
+
+    def dispatch(self, req):
+        # Bolt's dispatch returns once the listener has acked (it runs on in Bolt's own pool)
+        with self.acks_first.request():
+            return super().dispatch(req)
+
+
 def build_app(container, client: WebClient) -> App:
     settings = container.settings
     logging.getLogger("slack_bolt").setLevel(logging.WARNING)
     # Verification stays on even in Socket Mode, whose requests Bolt itself exempts; the HTTP route
     # is only mounted when there is a signing secret to check (bot/web.py).
-    app = App(client=client, signing_secret=settings.SLACK_SIGNING_SECRET.strip(), logger=bolt_logger(),
+    acks_first = AcksFirst()
+    app = _App(client=client, signing_secret=settings.SLACK_SIGNING_SECRET.strip(), logger=bolt_logger(),
+               acks_first=acks_first,
               token_verification_enabled=False, ssl_check_enabled=False, url_verification_enabled=True,
               request_verification_enabled=True,
               listener_executor=ThreadPoolExecutor(max_workers=LISTENER_THREADS, thread_name_prefix="slack-listener"))
-    approvals = Approvals(container, client)
+    approvals = Approvals(container, client, acks_first)
     app.action(card.APPROVE)(approvals.on_button)
     app.action(card.DENY)(approvals.on_button)
     app.view(APPROVE_VIEW)(approvals.on_submit)

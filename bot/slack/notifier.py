@@ -101,9 +101,8 @@ class SlackStaffNotifier:
     def _update(self, where: tuple[str, str], data: card.CardData) -> None:
         self.client.chat_update(channel=where[0], ts=where[1], text=data.text, blocks=data.blocks)
         with self.db.transaction() as s:
-            row = s.get(SlackCard, data.case.id)
-            if row is not None:
-                row.updated_at = self.deps.clock.now()
+            s.execute(update(SlackCard).where(SlackCard.case_id == data.case.id)
+                      .values(updated_at=self.deps.clock.now()))
 
     # ---- documents ------------------------------------------------------------------------------------
 
