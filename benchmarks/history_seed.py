@@ -35,12 +35,15 @@ STATEMENTS = {
                now() - interval '20 days' + i * interval '1 second' + interval '1 hour'
         FROM generate_series(CAST(:start AS integer), CAST(:stop AS integer)) AS i""",
     "audit_log": """
-        INSERT INTO audit_log (case_id, event, from_state, to_state, actor, channel, reason, at,
+        INSERT INTO audit_log (id, case_id, event, from_state, to_state, actor, channel, reason, at,
                                prev_hash, hash)
-        SELECT 'hist' || lpad(i::text, 12, '0'), 'start', NULL, 'opened', 'customer', 'webchat', NULL,
+        SELECT top.id + i - CAST(:start AS integer) + 1,
+               'hist' || lpad(i::text, 12, '0'), 'start', NULL, 'opened', 'customer', 'webchat', NULL,
                now() - interval '20 days' + i * interval '1 second',
                md5((i - 1)::text) || md5((i - 1)::text), md5(i::text) || md5(i::text)
-        FROM generate_series(CAST(:start AS integer), CAST(:stop AS integer)) AS i""",
+        FROM generate_series(CAST(:start AS integer), CAST(:stop AS integer)) AS i
+        -- ids follow the newest record, as the audit chain numbers its own (from its head, not a sequence)
+        CROSS JOIN (SELECT coalesce(max(id), 0) AS id FROM audit_log) AS top""",
     "inbox_events": """
         INSERT INTO inbox_events (delivery_key, source, conversation_key, payload, received_at,
                                   processed_at, attempts)

@@ -28,29 +28,50 @@ def install(db) -> None:
     """Make every write transaction of `db` that adds inbox events or outbox messages notify on commit."""
     if not db.is_postgres:
         return
-    if not event.contains(db.sessions, "after_flush", _notify_new_work):
-        event.listen(db.sessions, "after_flush", _notify_new_work)
-        event.listen(db.sessions, "do_orm_execute", _notify_inserted_events)
+    if not event.contains(db.sessions, "before_commit", _notify):
+        event.listen(db.sessions, "after_flush", _note_flushed)
+        event.listen(db.sessions, "do_orm_execute", _note_inserted)
+        event.listen(db.sessions, "before_commit", _notify)
+        event.listen(db.sessions, "after_rollback", _forget)
 
 
-def _notify_new_work(session, _flush_context) -> None:
-    # session.new still lists what this flush inserted. NOTIFY is transactional: a rolled-back
-    # transaction notifies nobody, and repeats of one payload within a transaction are folded into one.
-    stored = set()
-    for obj in session.new:
+# What a transaction stored is noted as it goes and announced once, just before it commits: one
+# statement per transaction, whatever it wrote. NOTIFY is transactional, so a transaction that fails to
+# commit notifies nobody.
+def _stored(session) -> set:
+    return session.info.setdefault("recoverybot_stored", set())
+
+
+def _note_flushed(session, _flush_context) -> None:
+    for obj in session.new:  # still lists what this flush inserted
         if isinstance(obj, InboxEvent):
-            stored.add(INBOX)
+            _stored(session).add(INBOX)
         elif isinstance(obj, OutboxMessage):
-            stored.add(EMAIL if obj.kind == "email" else OUTBOX)
-    for what in sorted(stored):
-        session.connection().execute(select(func.pg_notify(CHANNEL, what)))
+            _stored(session).add(EMAIL if obj.kind == "email" else OUTBOX)
 
 
-def _notify_inserted_events(state) -> None:
-    # The inbox stores events with one INSERT ... ON CONFLICT statement, which no flush sees. A redelivery
-    # that inserts nothing still notifies: the worker then finds nothing new, which costs one empty pass.
-    if state.is_insert and getattr(getattr(state.statement, "table", None), "name", None) == InboxEvent.__tablename__:
-        state.session.connection().execute(select(func.pg_notify(CHANNEL, INBOX)))
+def _note_inserted(state) -> None:
+    # The inbox and the outbox store with one INSERT ... ON CONFLICT statement each, which no flush sees;
+    # the outbox passes its row as parameters, so its kind can be read here. A duplicate that inserts
+    # nothing still notifies: the worker then finds nothing new, which costs one empty pass.
+    if not state.is_insert:
+        return
+    table = getattr(getattr(state.statement, "table", None), "name", None)
+    if table == InboxEvent.__tablename__:
+        _stored(state.session).add(INBOX)
+    elif table == OutboxMessage.__tablename__:
+        params = state.parameters if isinstance(state.parameters, dict) else {}
+        _stored(state.session).add(EMAIL if params.get("kind") == "email" else OUTBOX)
+
+
+def _notify(session) -> None:
+    stored = session.info.pop("recoverybot_stored", None)
+    if stored:
+        session.connection().execute(select(*(func.pg_notify(CHANNEL, what) for what in sorted(stored))))
+
+
+def _forget(session) -> None:
+    session.info.pop("recoverybot_stored", None)
 
 
 def listen(db, on_notify: Callable[[str], None], stop: threading.Event) -> threading.Thread | None:

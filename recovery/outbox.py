@@ -21,6 +21,8 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import literal_column, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from recovery.crypto import Keyring
@@ -69,12 +71,14 @@ class Sender(Protocol):
 
 def enqueue(session: Session, keyring: Keyring, *, kind: str, key: str, payload: dict,
             now: datetime) -> None:
-    """Add a message to the outbox inside the caller's transaction. A repeated key is ignored."""
-    if session.scalar(select(OutboxMessage.id).where(OutboxMessage.idempotency_key == key)):
-        return
-    session.add(OutboxMessage(kind=kind, idempotency_key=key, payload_enc=keyring.encrypt_json(payload),
-                              status="pending", attempts=0, next_attempt_at=now, created_at=now,
-                              **belongs_to(payload)))
+    """Add a message to the outbox inside the caller's transaction. A repeated key is ignored.
+
+    One INSERT ... ON CONFLICT DO NOTHING, with the row passed as parameters (the wake-up hook reads its
+    kind there): no look-up first, and two transactions racing with one key insert it once."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(OutboxMessage).on_conflict_do_nothing(index_elements=[OutboxMessage.idempotency_key]),
+                    dict(kind=kind, idempotency_key=key, payload_enc=keyring.encrypt_json(payload),
+                         status="pending", attempts=0, next_attempt_at=now, created_at=now, **belongs_to(payload)))
 
 
 def belongs_to(payload: dict) -> dict:
