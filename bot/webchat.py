@@ -101,22 +101,19 @@ def post_message(session_id: str):
     now = c.clock.now()
     conversation = f"webchat:{session_id}"
     delivery_key = f"{conversation}:{client_id or uuid.uuid4().hex}"
-    try:
-        with c.db.transaction() as s:
-            # Locking the session row orders this session's inserts, so `seq` follows commit order
-            # and a poller reading `seq > after` cannot skip a message that commits late.
-            chat = s.get(ChatSession, session_id, with_for_update=True)
-            if chat is None:
-                raise ApiError(404, "unknown_session", "no chat session with that id; create one first")
-            # The transcript keeps a redacted copy; the inbox keeps the text encrypted until processed.
-            stored = inbox.add(s, source="webchat", delivery_key=delivery_key, conversation_key=conversation,
-                               now=now, payload={"session_id": session_id, "text_enc": c.keyring.encrypt(text),
-                                                 "ip": request.remote_addr, "locale": chat.locale})
-            if stored:
-                s.add(ChatMessage(session_id=session_id, sender="customer", text=redact_text(text),
-                                  buttons=[], created_at=now))
-    except IntegrityError:
-        stored = False
+    with c.db.transaction() as s:
+        # Locking the session row orders this session's inserts, so `seq` follows commit order
+        # and a poller reading `seq > after` cannot skip a message that commits late.
+        chat = s.get(ChatSession, session_id, with_for_update=True)
+        if chat is None:
+            raise ApiError(404, "unknown_session", "no chat session with that id; create one first")
+        # The transcript keeps a redacted copy; the inbox keeps the text encrypted until processed.
+        stored = inbox.add(s, source="webchat", delivery_key=delivery_key, conversation_key=conversation,
+                           now=now, payload={"session_id": session_id, "text_enc": c.keyring.encrypt(text),
+                                             "ip": request.remote_addr, "locale": chat.locale})
+        if stored:
+            s.add(ChatMessage(session_id=session_id, sender="customer", text=redact_text(text),
+                              buttons=[], created_at=now))
     c.metrics.inbox("webchat", "stored" if stored else "duplicate")
     if stored:
         c.worker.wake()
