@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from email.message import EmailMessage
 from email.policy import default as default_policy
 
@@ -33,24 +34,33 @@ def free_port() -> int:
 
 # ---- databases -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def pg_server_url():
-    """A fresh PostgreSQL database for this test session, schema migrated once."""
+@contextmanager
+def scratch_pg_database(prefix: str):
+    """A new, empty PostgreSQL database for the caller (dropped afterwards); its URL. Without a server the
+    test is skipped, except in CI, where that is a failure."""
     try:
         admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
         with admin.connect() as conn:
-            name = f"rb_test_{uuid.uuid4().hex[:10]}"
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:  # noqa: BLE001
         if os.environ.get("CI"):
             raise
         pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    dbmod.upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_server_url():
+    """A fresh PostgreSQL database for this test session, schema migrated once."""
+    with scratch_pg_database("rb_test") as url:
+        dbmod.upgrade(url)
+        yield url
 
 
 def _truncate(url: str) -> None:

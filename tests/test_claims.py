@@ -8,9 +8,7 @@ prepared the statement (after its fifth run on a connection). Assertions are on 
 """
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from datetime import timedelta
 
 import psycopg
@@ -21,7 +19,7 @@ from benchmarks.history_seed import TABLES, seed
 from recovery import db as dbmod, inbox, timers
 from recovery.models import InboxEvent
 from recovery.outbox import EMAIL_LANE, OTHER_LANE
-from tests.conftest import PG_ADMIN_URL
+from tests.conftest import PG_ADMIN_URL, scratch_pg_database
 
 HISTORY = 20_000
 WAITING = {"ix_inbox_pending_id", "ix_inbox_pending_conversation", "ix_timers_open_due", "ix_outbox_pending_id"}
@@ -34,16 +32,11 @@ PARTIAL = {"inbox_events": {"ix_inbox_pending_id", "ix_inbox_pending_conversatio
 def history_url():
     """A database of its own (autovacuum off on the seeded tables, so they stay never-analysed until a
     test analyses them), with HISTORY rows of finished work in each table and a little waiting work."""
-    try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        name = f"rb_claims_{uuid.uuid4().hex[:10]}"
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with scratch_pg_database("rb_claims") as url:
+        yield _seeded(url)
+
+
+def _seeded(url: str) -> str:
     dbmod.upgrade(url)
     engine = create_engine(url)
     with engine.begin() as conn:
@@ -64,10 +57,7 @@ def history_url():
             INSERT INTO timers (case_id, kind, due_at)
             SELECT id, 'code_expiry', now() + interval '1 hour' FROM cases ORDER BY id LIMIT 40"""))
     engine.dispose()
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    return url
 
 
 def claim_statements(container) -> dict[str, tuple[str, dict]]:
@@ -225,21 +215,9 @@ def migrated_url(request, tmp_path):
         dbmod.upgrade(url)
         yield url
         return
-    try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        name = f"rb_migrated_{uuid.uuid4().hex[:10]}"
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    dbmod.upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_pg_database("rb_migrated") as url:
+        dbmod.upgrade(url)
+        yield url
 
 
 def test_migrations_build_the_partial_indexes_the_models_declare(migrated_url):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 from bot.cli import main as cli
 from bot.worker import Worker
@@ -27,7 +27,7 @@ from recovery import inbox, outbox
 from recovery.clock import ManualClock
 from recovery.models import ChatMessage, InboxEvent, OutboxMessage
 from recovery.outbox import Dispatcher
-from tests.conftest import PG_ADMIN_URL, SECRET, ChatClient, Mailbox, free_port
+from tests.conftest import SECRET, ChatClient, Mailbox, free_port, scratch_pg_database
 
 RECOVERYBOT = str(Path(sys.executable).parent / "recoverybot")
 MAIL_DOMAIN = "localhost"  # from the default MAIL_FROM, "<BRAND_NAME> <no-reply@localhost>"
@@ -452,19 +452,8 @@ def empty_db_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'fresh.db'}"
         return
-    try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        name = f"rb_fresh_{uuid.uuid4().hex[:10]}"
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_pg_database("rb_fresh") as url:
+        yield url
 
 
 def test_db_upgrade_is_idempotent(empty_db_url):
