@@ -96,8 +96,12 @@ def _connect(db):
     cparams = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
                "connect_timeout": 5} | dict(cparams)
     conn = dialect.loaded_dbapi.connect(*cargs, **cparams)
-    conn.autocommit = True
-    conn.execute(f"LISTEN {CHANNEL}")
+    try:
+        conn.autocommit = True
+        conn.execute(f"LISTEN {CHANNEL}")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

@@ -6,7 +6,7 @@ import re
 import uuid
 
 from flask import Flask, Response, jsonify, request
-from sqlalchemy import exc as sa_exc
+from recovery.db import is_outage
 from werkzeug.exceptions import HTTPException
 
 from bot import csp, logs, pages, webchat
@@ -25,17 +25,9 @@ OUTAGE_MESSAGE = f"the service's database is briefly unavailable; nothing was do
 
 
 def database_outage(exc: BaseException | None) -> bool:
-    """Whether the error (or one it was raised from) means the database could not be reached: refused or
-    dropped connections, a server shutting down, or no pool connection free in time. The request's
-    transaction did not commit (or never started), so the client may simply send it again."""
-    seen = 0
-    while exc is not None and seen < 5:
-        if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
-            return True
-        if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
+    """Whether the database could not be reached (recovery.db.is_outage). The request's transaction did
+    not commit (or never started), so the client may simply send it again."""
+    return is_outage(exc)
 
 
 def create_app(container) -> Flask:
@@ -140,13 +132,20 @@ def create_app(container) -> Flask:
 
     def unavailable(exc: Exception):
         log.warning("database unavailable on %s %s: %s", request.method,
-                    request.url_rule.rule if request.url_rule is not None else "(no route)", type(exc).__name__)
+                    request.url_rule.rule if request.url_rule is not None else "(no route)", _driver_error(exc))
         headers = {"Retry-After": str(RETRY_AFTER)}
         if wants_json():
             return jsonify(error="unavailable", message=OUTAGE_MESSAGE), 503, headers
         return container.renderer.page("error", request_locale(container.renderer), status=503), 503, headers
 
     return app
+
+
+def _driver_error(exc: BaseException) -> str:
+    """The driver's own error class (say OperationalError/ConnectionTimeout), never its message, which
+    can name the database host and user."""
+    orig = getattr(exc, "orig", None)
+    return f"{type(exc).__name__}/{type(orig).__name__}" if orig is not None else type(exc).__name__
 
 
 def _slack_error(error: Exception, response):
@@ -157,7 +156,7 @@ def _slack_error(error: Exception, response):
     if not database_outage(error):
         log.error("Slack listener failed", exc_info=error)
         return None
-    log.warning("database unavailable in a Slack listener: %s", type(error).__name__)
+    log.warning("database unavailable in a Slack listener: %s", _driver_error(error))
     if response is None:  # already acknowledged: nothing left to answer
         return None
     return BoltResponse(status=503, body='{"error": "unavailable", "message": "%s"}' % OUTAGE_MESSAGE,

@@ -95,6 +95,8 @@ def _chain_pending(session: Session) -> None:
         head.last_id, head.last_hash = last_id, prev_hash
     session.flush()
     session.execute(insert(AuditRecord).values(rows))
+    if session.get_bind().dialect.name == "postgresql":  # the sequence in step, as in _APPEND
+        session.execute(text("SELECT setval(pg_get_serial_sequence('audit_log', 'id'), :id)"), {"id": last_id})
 
 
 def _locked_head(session: Session) -> AuditHead | None:
@@ -152,8 +154,12 @@ chain (n, id, prev, hash) AS (
     SELECT i.n, c.id + 1, CAST(c.hash AS text),
            encode(sha256(convert_to(c.hash || i.pre || CAST(c.id + 1 AS text) || i.post, 'UTF8')), 'hex')
     FROM chain c JOIN items i ON i.n = c.n + 1),
-moved AS (UPDATE audit_head SET last_id = c.id, last_hash = c.hash FROM chain c
-          WHERE audit_head.id = 1 AND c.n = :count)
+-- The table's own id sequence is kept in step (setval, once per append, under the head's lock), so code
+-- of an earlier release that still takes ids from it, during a rolling deploy or after a rollback,
+-- cannot collide with these.
+moved AS (UPDATE audit_head
+          SET last_id = coalesce(setval(pg_get_serial_sequence('audit_log', 'id'), c.id), c.id), last_hash = c.hash
+          FROM chain c WHERE audit_head.id = 1 AND c.n = :count)
 INSERT INTO audit_log (id, case_id, event, from_state, to_state, actor, channel, reason, at, prev_hash, hash)
 SELECT c.id, i.case_id, i.event, i.from_state, i.to_state, i.actor, i.channel, i.reason, i.at, c.prev, c.hash
 FROM chain c JOIN items i ON i.n = c.n

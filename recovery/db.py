@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, exc as sa_exc, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,6 +20,36 @@ MIGRATIONS = "recovery:migrations"
 
 
 READ_ONLY = "recoverybot_read_only"
+
+# SQLSTATEs of a server that is going away or cannot take the connection: connection exceptions (class
+# 08), admin/crash shutdown, cannot connect now, too many connections.
+_GONE = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def is_outage(exc: BaseException | None) -> bool:
+    """Whether the error (or one it was raised from) means the database could not be reached: refused or
+    dropped connections, a server shutting down, no pool connection free in time, SQLite's file locked
+    past the busy timeout. A deadlock, a statement timeout or a schema error is not an outage: retrying
+    the same request would meet it again, and it must show as the error it is."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, sa_exc.TimeoutError):  # the pool had no connection to give in time
+            return True
+        if isinstance(exc, sa_exc.DBAPIError):
+            if exc.connection_invalidated:
+                return True
+            orig = exc.orig
+            state = getattr(orig, "sqlstate", None)
+            if state is not None:
+                return state.startswith(_GONE)
+            if isinstance(exc, sa_exc.OperationalError):
+                # psycopg: no SQLSTATE means no server answered (refused, reset, closed);
+                # sqlite3: only a lock that outlasted the busy timeout is transient.
+                return "sqlite" not in type(orig).__module__ or "database is locked" in str(orig)
+            if isinstance(exc, sa_exc.InterfaceError):
+                return True  # the connection was closed under us
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def make_engine(url: str, **kwargs) -> Engine:

@@ -11,11 +11,11 @@ from datetime import datetime
 from typing import Callable
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
+from recovery.db import is_outage
 from recovery.models import InboxEvent
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ Handler = Callable[..., None]
 
 
 def _connection_lost(exc: BaseException) -> bool:
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+    # Only the database going away, as in a restart (see is_outage); an error of this event's own making
+    # (a statement timeout, a deadlock) still counts as an attempt.
+    return is_outage(exc)
 
 
 def _eligible():

@@ -158,10 +158,11 @@ class Dispatcher:
             for message in batch.messages:
                 if self._still_ours(batch, message.id):
                     batch.tried.add(message.id)
-                    self._deliver(message, batch.token)
-                    with batch.lock:
-                        batch.open.discard(message.id)
+                    self._deliver(message, batch)
         except BaseException:
+            # The renewer stops first: a renewal landing after the give-back would lease them again.
+            stop.set()
+            renewer.join()
             self._give_back(batch.token, set(batch.open), set(batch.tried))
             raise
         finally:
@@ -236,13 +237,13 @@ class Dispatcher:
             untried = open_ids - tried
             if untried:
                 session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(untried), *mine)
-                                .values(lease_until=None, attempts=OutboxMessage.attempts - 1))
+                                .values(lease_until=None, lease_owner=None, attempts=OutboxMessage.attempts - 1))
             if open_ids & tried:
                 session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(open_ids & tried), *mine)
-                                .values(lease_until=None))
+                                .values(lease_until=None, lease_owner=None))
         log.info("gave back %s outbox lease(s) of a failed pass", len(open_ids))
 
-    def _deliver(self, message: Outgoing, token: str) -> None:
+    def _deliver(self, message: Outgoing, batch: Batch) -> None:
         sender = self.senders.get(message.kind)
         error, permanent = None, False
         try:
@@ -254,18 +255,22 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - any failure of a receiver is retried
             error = f"{type(exc).__name__}: {exc}"
         now = self.clock.now()
-        with self.db.transaction() as session:
-            values: dict
-            if error is None:
-                values = dict(status="sent", sent_at=now, lease_until=None, last_error=None)
-            elif permanent or message.attempt >= self.max_attempts:
-                values = dict(status="dead", lease_until=None, last_error=error[:2000])
-            else:
-                values = dict(next_attempt_at=now + timedelta(seconds=backoff(message.attempt)),
-                              lease_until=None, last_error=error[:2000])
-            session.execute(update(OutboxMessage)
-                            .where(OutboxMessage.id == message.id, OutboxMessage.lease_owner == token)
-                            .values(**values))
+        released = dict(lease_until=None, lease_owner=None)  # no renewal can match it again
+        if error is None:
+            values = dict(status="sent", sent_at=now, last_error=None, **released)
+        elif permanent or message.attempt >= self.max_attempts:
+            values = dict(status="dead", last_error=error[:2000], **released)
+        else:
+            values = dict(next_attempt_at=now + timedelta(seconds=backoff(message.attempt)),
+                          last_error=error[:2000], **released)
+        # Under the batch's lock, so the renewer sees the message either still open or done, never
+        # retried-and-renewed; if this fails, it stays open and the failed pass gives it back.
+        with batch.lock:
+            with self.db.transaction() as session:
+                session.execute(update(OutboxMessage)
+                                .where(OutboxMessage.id == message.id, OutboxMessage.lease_owner == batch.token)
+                                .values(**values))
+            batch.open.discard(message.id)
         outcome = "sent" if error is None else values["status"] if "status" in values else "retry"
         if self.metrics:
             self.metrics.outbox(message.kind, outcome)

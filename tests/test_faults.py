@@ -285,3 +285,43 @@ def test_an_inbox_event_cut_off_by_a_database_restart_keeps_its_attempts(cluster
     assert inbox.process_one(c.db, lambda session, event: handled.append(event.delivery_key), c.clock.now)
     assert handled == ["faults:inbox:1"]
     assert cluster.query("SELECT attempts, processed_at IS NOT NULL FROM inbox_events")[0] == (0, True)
+
+
+def test_only_a_database_that_cannot_be_reached_counts_as_an_outage(cluster, pg_url, tmp_path):
+    """503 and 'retry' are for a database that is away; a statement timeout, a lock timeout or a schema
+    error is an error of the request itself, shown as such (500, with its traceback logged)."""
+    from sqlalchemy import create_engine, text
+
+    from recovery.db import is_outage
+
+    def error_of(engine, *statements):
+        try:
+            with engine.begin() as conn:
+                for sql in statements:
+                    conn.execute(text(sql))
+        except Exception as exc:  # noqa: BLE001 - what is raised is the subject
+            return exc
+        raise AssertionError(f"{statements} raised nothing")
+
+    pg = create_engine(pg_url)
+    assert not is_outage(error_of(pg, "SET LOCAL statement_timeout = 1", "SELECT pg_sleep(0.5)"))
+    assert not is_outage(error_of(pg, "SELECT * FROM no_such_table"))
+    pg.dispose()
+    lite = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    assert not is_outage(error_of(lite, "SELECT * FROM no_such_table"))
+    lite.dispose()
+
+    private = create_engine(cluster.url)
+    cluster.stop()
+    assert is_outage(error_of(private, "SELECT 1"))  # refused: nothing listens
+    cluster.start()
+    with private.connect() as conn:  # a pooled connection that the restart below cuts off
+        conn.execute(text("SELECT 1"))
+        cluster.stop()
+        cluster.start()
+        try:
+            conn.execute(text("SELECT 1"))
+            raise AssertionError("the connection outlived the restart")
+        except Exception as exc:  # noqa: BLE001
+            assert is_outage(exc), exc
+    private.dispose()

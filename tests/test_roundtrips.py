@@ -110,3 +110,22 @@ def test_concurrent_appends_keep_one_unbroken_chain(make_container, any_db_url):
         assert s.scalar(select(func.count(AuditRecord.id))) == 60
         result = audit.verify(s)
         assert result.ok and result.checked == 60, result
+
+
+def test_the_id_sequence_keeps_up_so_an_earlier_release_can_still_append(make_container, pg_url):
+    """Ids come from the chain's head, but the table's sequence is moved along with it: code of the
+    previous release (which inserts without an id, taking the sequence's next value) running beside this
+    one in a rolling deploy, or after a rollback, gets a fresh id instead of a duplicate-key error."""
+    from sqlalchemy import text
+
+    c = make_container(pg_url)
+    for i in range(3):  # the first goes the Python way (no head yet), the others in one statement
+        with c.db.transaction() as s:
+            audit.append(s, case_id=f"RC-S{i}", event="opened", from_state=None, to_state="opened",
+                         actor="customer", channel="webchat", reason=None, at=c.clock.now())
+    with c.db.transaction() as s:
+        newest = s.scalar(select(func.max(AuditRecord.id)))
+        taken = s.scalar(text("""INSERT INTO audit_log (case_id, event, actor, channel, at, prev_hash, hash)
+                                 VALUES ('RC-OLD', 'opened', 'customer', 'webchat', now(), '', '')
+                                 RETURNING id"""))
+    assert taken > newest
