@@ -3,12 +3,14 @@
 
     nice .venv/bin/python benchmarks/drain.py                 # 2,000 events, 1 then 2 workers; about 40 s
     nice .venv/bin/python benchmarks/drain.py --intercom      # the same with the Intercom channel configured
-    options: --events N  --per-conversation M  --workers-max K  --intercom  --pg-admin-url URL  --json FILE
+    options: --events N  --per-conversation M  --workers-max K  --intercom  --stats analysed|never
+             --pg-admin-url URL  --json FILE
 
 For each K in 1..K (--workers-max, 2), on a fresh scratch database (created through --pg-admin-url,
 migrated to head, dropped afterwards):
   1. A backlog of N web-chat messages ("what is 2fa?", one bot reply each), M per chat session, stored
-     through the real routes (the real app's /chat/api endpoints, in this process, with no worker running).
+     through the real routes (the real app's /chat/api endpoints, in this process, with no worker running);
+     then VACUUM ANALYZE, as autovacuum does in its own time (--stats never leaves the tables unanalysed).
   2. The backlog is held back (each event's attempts set to the limit, as a dead event's are), and K real
      `recoverybot worker` processes start with the product's settings in their environment. Once every
      one of them has written its heartbeat (its first pass is done, so start-up is behind it), the events
@@ -100,6 +102,12 @@ class Inbox:
             conn.execute(update(self.E).where(self.E.processed_at.is_(None)).values(attempts=0))
             conn.execute(text("SELECT pg_notify('recoverybot_work', 'inbox')"))
 
+    def analyse(self) -> None:
+        """What autovacuum does to a table that filled over a while; a backlog stored seconds ago has not
+        had its turn yet, and the claim's plan differs (--stats never)."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE"))
+
     def heartbeats(self) -> int:
         with self.engine.connect() as conn:
             return conn.scalar(select(func.count()).select_from(self.H))
@@ -121,6 +129,22 @@ class Inbox:
                 "WHERE processed_at < before"))
         return {"span_s": (last - first).total_seconds() if first and last else 0.0, "failed": failed,
                 "replies": replies, "out_of_order": out_of_order}
+
+    def sample_waits(self, into: dict) -> None:
+        """Counts what the workers' backends are doing right now (pg_stat_activity), into `into`."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT state, wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'")).all()
+        for state, kind, event, query in rows:
+            if state == "active":
+                what = f"active, waiting on {kind}:{event}" if kind else "active, on CPU"
+                if kind == "Lock":
+                    what += f" ({query})"
+            else:
+                what = state or "?"
+            into[what] = into.get(what, 0) + 1
 
     def backend_pids(self) -> list[int]:
         with self.engine.connect() as conn:
@@ -154,6 +178,8 @@ def measure(workers: int, args) -> dict:
         try:
             held = inbox.hold()
             assert held == stored, (held, stored)
+            if args.stats == "analysed":
+                inbox.analyse()
             busy = machine_busy()
             procs = [subprocess.Popen([RECOVERYBOT, "worker"], env=os.environ | env, cwd=workdir,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -170,9 +196,11 @@ def measure(workers: int, args) -> dict:
                 t0 = time.perf_counter()
                 inbox.release()
                 deadline = t0 + DRAIN_TIMEOUT
+                waits: dict[str, int] = {}
                 while inbox.waiting():
                     if time.perf_counter() > deadline:
                         raise TimeoutError(f"{inbox.waiting()} events still waiting after {DRAIN_TIMEOUT} s")
+                    inbox.sample_waits(waits)
                     time.sleep(0.02)
                 seconds = time.perf_counter() - t0
             summary = inbox.summary()
@@ -181,13 +209,13 @@ def measure(workers: int, args) -> dict:
             inbox.close()
     return {"workers": workers, "events": stored, "seconds": seconds, "per_s": stored / seconds,
             "span_per_s": stored / summary["span_s"] if summary["span_s"] else 0.0,
-            "cores": cpu.cores, "busy_before": busy, **summary}
+            "cores": cpu.cores, "busy_before": busy, "backends": waits, **summary}
 
 
 def render(results: list[dict], args, version: str) -> str:
     lines = [f"Drain benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, {version}; "
              f"{args.events} web-chat messages ({QUESTION!r}), {args.per_conversation} per chat session; "
-             f"Intercom channel {'configured' if args.intercom else 'off'}.",
+             f"Intercom channel {'configured' if args.intercom else 'off'}; tables {args.stats}.",
              "",
              "| workers | events | s | events/s | events/s (processed_at span) | cores: workers | postgres | "
              "this script | others | failed | out of order |",
@@ -203,6 +231,12 @@ def render(results: list[dict], args, version: str) -> str:
         lines.append(f"ratio {r['workers']} workers ÷ 1: {r['per_s'] / base:.2f} "
                      f"(processed_at span: {r['span_per_s'] / results[0]['span_per_s']:.2f}; target for 2: "
                      "at least 1.8)")
+    lines.append("")
+    lines.append("What the workers' PostgreSQL backends were doing, sampled every 20 ms during the drain:")
+    for r in results:
+        total = sum(r["backends"].values()) or 1
+        top = sorted(r["backends"].items(), key=lambda kv: -kv[1])[:6]
+        lines.append(f"- {r['workers']} worker(s): " + "; ".join(f"{what} {n / total:.0%}" for what, n in top))
     noise = max(r["busy_before"] for r in results) * (os.cpu_count() or 1)
     if noise > 0.25:
         lines.append(f"NOTE: before a measurement, other processes kept {noise:.2f} cores busy (a shared "
@@ -217,6 +251,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers-max", type=int, default=2, help="measure 1..K worker processes (2)")
     p.add_argument("--intercom", action="store_true",
                    help="configure the Intercom channel (the inbox handler then has a prepare step)")
+    p.add_argument("--stats", choices=["analysed", "never"], default="analysed",
+                   help="VACUUM ANALYZE once the backlog is stored (default), or drain it with the tables "
+                        "never analysed, as a backlog stored in the last seconds is")
     p.add_argument("--pg-admin-url", default=PG_ADMIN_URL,
                    help="PostgreSQL URL used to create and drop the scratch databases (env BENCH_PG_ADMIN_URL)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")

@@ -87,9 +87,10 @@ def process_one(db, handler: Handler, now_fn) -> bool:
             # processing, fail to claim it below, and peek it again, spinning until that worker commits
             # (two workers then drained no faster than one). The lock ends with this short transaction,
             # so two workers can still peek the same event; the locked claim below decides which one
-            # processes it, and the other only wasted its `prepare`.
+            # processes it, and the other only wasted its `prepare`. The peek is rolled back, not
+            # committed: a commit of a transaction that locked a row waits for a WAL flush.
             peek_query = peek_query.with_for_update(skip_locked=True, of=InboxEvent)
-        with db.transaction() as session:
+        with db.reading() as session:
             peek = session.scalar(peek_query)
             if peek is None:
                 return False
