@@ -38,7 +38,6 @@ from sqlalchemy import create_engine, func, select, text, update
 # benchmarks/ is on the path when run as a script
 from webchat import PG_ADMIN_URL, QUESTION, SECRET, CpuMeter, db_version, machine_busy, scratch_database
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECOVERYBOT = os.path.join(os.path.dirname(sys.executable), "recoverybot")
 START_TIMEOUT = 60.0   # seconds for the workers to write their first heartbeat
 DRAIN_TIMEOUT = 300.0  # seconds; a drain not done by then is a failure (bounded run)
@@ -148,7 +147,8 @@ class Inbox:
 
     def backend_pids(self) -> list[int]:
         with self.engine.connect() as conn:
-            return list(conn.scalars(text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            return list(conn.scalars(text("SELECT pid FROM pg_stat_activity "
+                                          "WHERE datname = current_database() "
                                           "AND pid <> pg_backend_pid()")))
 
     def close(self) -> None:
@@ -191,7 +191,7 @@ def measure(workers: int, args) -> dict:
                         p.stderr.read() if p.poll() is not None else "(still starting)" for p in procs))
                 time.sleep(0.05)
             time.sleep(0.5)  # let each worker's pool connect and its listener settle
-            print(f"   released; draining", file=sys.stderr)
+            print("   released; draining", file=sys.stderr)
             with CpuMeter(lambda: [p.pid for p in procs], inbox.backend_pids) as cpu:
                 t0 = time.perf_counter()
                 inbox.release()
@@ -223,7 +223,8 @@ def render(results: list[dict], args, version: str) -> str:
     for r in results:
         c = r["cores"]
         lines.append(f"| {r['workers']} | {r['events']} | {r['seconds']:.2f} | {r['per_s']:.1f} | "
-                     f"{r['span_per_s']:.1f} | {c['server']:.2f} | {c['postgres']:.2f} | {c['clients']:.2f} | "
+                     f"{r['span_per_s']:.1f} | {c['server']:.2f} | {c['postgres']:.2f} | "
+                     f"{c['clients']:.2f} | "
                      f"{c['others']:.2f} | {r['failed']} | {r['out_of_order']} |")
     base = results[0]["per_s"]
     lines.append("")
@@ -236,7 +237,8 @@ def render(results: list[dict], args, version: str) -> str:
     for r in results:
         total = sum(r["backends"].values()) or 1
         top = sorted(r["backends"].items(), key=lambda kv: -kv[1])[:6]
-        lines.append(f"- {r['workers']} worker(s): " + "; ".join(f"{what} {n / total:.0%}" for what, n in top))
+        lines.append(f"- {r['workers']} worker(s): "
+                     + "; ".join(f"{what} {n / total:.0%}" for what, n in top))
     noise = max(r["busy_before"] for r in results) * (os.cpu_count() or 1)
     if noise > 0.25:
         lines.append(f"NOTE: before a measurement, other processes kept {noise:.2f} cores busy (a shared "
@@ -255,7 +257,8 @@ def main(argv=None) -> int:
                    help="VACUUM ANALYZE once the backlog is stored (default), or drain it with the tables "
                         "never analysed, as a backlog stored in the last seconds is")
     p.add_argument("--pg-admin-url", default=PG_ADMIN_URL,
-                   help="PostgreSQL URL used to create and drop the scratch databases (env BENCH_PG_ADMIN_URL)")
+                   help="PostgreSQL URL used to create and drop the scratch databases "
+                        "(env BENCH_PG_ADMIN_URL)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.events < 1 or args.per_conversation < 1 or args.workers_max < 2:
