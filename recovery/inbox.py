@@ -83,8 +83,18 @@ def process_one(db, handler: Handler, now_fn) -> bool:
     prepare = getattr(handler, "prepare", None)
     prepared, wanted = None, None
     if prepare is not None:
-        with db.transaction() as session:
-            peek = session.scalar(_eligible())
+        # Columns, not the entity: this read needs no ORM identity and it runs once per event.
+        peek_query = _eligible().with_only_columns(InboxEvent.id, InboxEvent.source, InboxEvent.payload)
+        if db.is_postgres:
+            # Skip what another worker holds: an unlocked peek would see the event that worker is
+            # processing, fail to claim it below, and peek it again, spinning until that worker commits
+            # (two workers then drained no faster than one). The lock ends with this short transaction,
+            # so two workers can still peek the same event; the locked claim below decides which one
+            # processes it, and the other only wasted its `prepare`. The peek is rolled back, not
+            # committed: a commit of a transaction that locked a row waits for a WAL flush.
+            peek_query = peek_query.with_for_update(skip_locked=True, of=InboxEvent)
+        with db.reading() as session:
+            peek = session.execute(peek_query).first()
             if peek is None:
                 return False
             wanted, source, payload = peek.id, peek.source, dict(peek.payload)

@@ -275,3 +275,25 @@ def test_history_benchmark_runs_small(pg_server_url, tmp_path):
     assert "ix_inbox_pending_id" in plans["inbox claim"]
     assert "ix_timers_open_due" in plans["timers claim"]
     assert "ix_outbox_pending_id" in plans["outbox lease"]
+
+
+def test_drain_benchmark_runs_small(pg_server_url, tmp_path):
+    """benchmarks/drain.py end to end at a small size, with the Intercom channel configured (the handler's
+    prepare step): one and two real worker processes each drain the backlog, every message answered,
+    each conversation in order."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "drain.json"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "drain.py"), "--events", "24",
+                          "--intercom", "--pg-admin-url", PG_ADMIN_URL, "--json", str(out)],
+                         capture_output=True, text=True, timeout=180, cwd=root)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ratio 2 workers ÷ 1:" in run.stdout
+    results = json.loads(out.read_text())["results"]
+    assert [r["workers"] for r in results] == [1, 2]
+    for r in results:
+        assert r["events"] == 24 and r["replies"] >= 24 and r["failed"] == 0 and r["out_of_order"] == 0

@@ -380,16 +380,24 @@ def test_a_batch_slower_than_its_lease_is_not_sent_twice(any_db_url, make_contai
 
 # ---- 5. inbox order per conversation ---------------------------------------------------------------
 
-def test_inbox_events_are_processed_in_order_per_conversation_by_two_workers(any_db_url, make_container):
-    """Two workers share one inbox of 10 conversations x 12 events; each conversation is handled in order, once."""
+@pytest.mark.parametrize("with_prepare", [False, True], ids=["plain", "prepare-step"])
+def test_inbox_events_are_processed_in_order_per_conversation_by_two_workers(any_db_url, make_container,
+                                                                             with_prepare):
+    """Two workers share one inbox of 10 conversations x 12 events; each conversation is handled in order,
+    once; also with a handler that has a `prepare` step (as when Intercom is configured), whose peek
+    happens outside the claiming transaction."""
     first, second = make_container(any_db_url), make_container(any_db_url)
     handled, lock = [], threading.Lock()
 
     def recording_handler(name):
-        def handle(session, event):
+        def handle(session, event, *prepared):
             time.sleep(random.uniform(0, 0.003))  # widen the window in which a race could show
+            if with_prepare:
+                assert prepared == (("prepared", event.payload["n"]),)
             with lock:
                 handled.append((event.conversation_key, event.payload["n"], name))
+        if with_prepare:
+            handle.prepare = lambda source, payload: ("prepared", payload["n"])
         return handle
 
     now = first.clock.now()
@@ -414,6 +422,37 @@ def test_inbox_events_are_processed_in_order_per_conversation_by_two_workers(any
     with first.db.transaction() as s:
         assert s.scalar(select(func.count()).select_from(InboxEvent)
                         .where(InboxEvent.processed_at.is_(None))) == 0
+
+
+def test_prepare_step_peek_passes_over_an_event_another_worker_holds(pg_url, make_container):
+    """While one worker holds a conversation's event, another worker with a prepare-step handler takes
+    the next conversation's event, not the held one (it used to peek the held event, fail to claim it and
+    peek it again, spinning until the holder committed) and not the held event's successor."""
+    c = make_container(pg_url)
+    now = c.clock.now()
+    for key, conversation in [("a1", "a"), ("a2", "a"), ("b1", "b")]:
+        assert inbox.store(c.db, source="test", delivery_key=key, conversation_key=conversation,
+                           payload={"key": key}, now=now)
+    handled: list[str] = []
+
+    def handler(session, event, prepared):
+        assert prepared == event.payload["key"]
+        handled.append(prepared)
+
+    handler.prepare = lambda source, payload: payload["key"]
+    holder = create_engine(pg_url)
+    try:
+        with holder.begin() as conn:  # the other worker, mid-way through a1
+            conn.execute(select(InboxEvent.id).where(InboxEvent.delivery_key == "a1").with_for_update())
+            assert inbox.process_one(c.db, handler, c.clock.now)
+            assert handled == ["b1"]
+            assert not inbox.process_one(c.db, handler, c.clock.now)  # a1 is held and a2 waits behind it
+        assert handled == ["b1"]
+        while inbox.process_one(c.db, handler, c.clock.now):
+            pass
+        assert handled == ["b1", "a1", "a2"]
+    finally:
+        holder.dispose()
 
 
 def test_chat_dialogs_stay_in_order_with_two_workers(any_db_url, live, make_container):
