@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select
 
 from bot.cli import main as cli
 from bot.worker import Worker
