@@ -31,6 +31,9 @@ from recovery.models import OutboxMessage
 log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=10)
+# How long a pass keeps messages it has not started on: past this, a slow pass (a relay taking its time
+# over each email) lets the rest of its batch go, so idle workers send them instead of waiting behind it.
+HOLD_UNTRIED = timedelta(seconds=30)
 # Written into the SQL, not bound: only then can a prepared (generic) plan on PostgreSQL, and SQLite's
 # planner, match the partial index `ix_outbox_pending_id ... WHERE status = 'pending'`.
 PENDING = literal_column("'pending'")
@@ -107,15 +110,16 @@ class Batch:
         self.token, self.messages = token, messages
         self.open = {m.id for m in messages}
         self.tried: set[int] = set()
-        self.held_until = leased_at + lease
+        self.leased_at, self.held_until = leased_at, leased_at + lease
         self.lock = threading.Lock()  # the renewer thread and the sending thread both renew
 
 
 class Dispatcher:
     def __init__(self, db, *, keyring: Keyring, senders: dict[str, Sender], clock, metrics=None,
-                 max_attempts: int = MAX_ATTEMPTS, lease: timedelta = LEASE):
+                 max_attempts: int = MAX_ATTEMPTS, lease: timedelta = LEASE, hold_untried: timedelta = HOLD_UNTRIED):
         self.db, self.keyring, self.senders, self.clock = db, keyring, senders, clock
         self.metrics, self.max_attempts, self.lease = metrics, max_attempts, lease
+        self.hold_untried = hold_untried
         self._stranded: list[tuple[str, set[int], set[int]]] = []  # batches a failed pass could not give back
         self._stranded_lock = threading.Lock()
 
@@ -157,7 +161,10 @@ class Dispatcher:
         try:
             for message in batch.messages:
                 if self._still_ours(batch, message.id):
-                    batch.tried.add(message.id)
+                    with batch.lock:  # the renewer may have let it go meanwhile (HOLD_UNTRIED)
+                        if message.id not in batch.open:
+                            continue
+                        batch.tried.add(message.id)
                     self._deliver(message, batch)
         except BaseException:
             # The renewer stops first: a renewal landing after the give-back would lease them again.
@@ -204,8 +211,17 @@ class Dispatcher:
         while not stop.wait(self.lease.total_seconds() / 3):
             try:
                 self._renew(batch)
+                if self.clock.now() - batch.leased_at >= self.hold_untried:
+                    self._let_go_of_untried(batch)
             except Exception as exc:  # noqa: BLE001 - the sending thread renews itself if this stays down
                 log.warning("could not renew outbox leases: %s: %s", type(exc).__name__, exc)
+
+    def _let_go_of_untried(self, batch: Batch) -> None:
+        with batch.lock:  # taken before a send starts, so a message is either sent here or let go
+            untried = batch.open - batch.tried
+            if untried:
+                self._release(batch.token, untried, set())
+                batch.open -= untried
 
     def _give_back(self, token: str, open_ids: set[int], tried: set[int]) -> None:
         if not open_ids:
@@ -241,7 +257,7 @@ class Dispatcher:
             if open_ids & tried:
                 session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(open_ids & tried), *mine)
                                 .values(lease_until=None, lease_owner=None))
-        log.info("gave back %s outbox lease(s) of a failed pass", len(open_ids))
+        log.info("gave back %s outbox lease(s)", len(open_ids))
 
     def _deliver(self, message: Outgoing, batch: Batch) -> None:
         sender = self.senders.get(message.kind)

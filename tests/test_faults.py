@@ -202,6 +202,37 @@ def test_a_send_slower_than_the_lease_keeps_it(pg_url, make_container):
     assert sorted(log) == sorted((k, "slow") for k in keys)
 
 
+def test_a_slow_pass_lets_go_of_what_it_has_not_started_on(pg_url, make_container):
+    """A pass whose sends are slow keeps the message it is sending, but past `hold_untried` lets the rest
+    of its batch go: an idle dispatcher sends those instead of waiting behind it, and every message is
+    sent exactly once."""
+    c = make_container(pg_url)
+    keys = [f"faults:hold:{i}" for i in range(4)]
+    queue_emails(c, keys)
+    log, lock = [], threading.Lock()
+    slow = Dispatcher(c.db, keyring=c.keyring, clock=c.clock, lease=timedelta(seconds=1.2),
+                      hold_untried=timedelta(seconds=1), senders={"email": RecordingSender("slow", log, lock, delay=2.0)})
+    other = Dispatcher(c.db, keyring=c.keyring, clock=c.clock,
+                       senders={"email": RecordingSender("other", log, lock)})
+    worker = threading.Thread(target=slow.run_once)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while leased(c) < len(keys):
+        assert time.monotonic() < deadline, "the slow dispatcher never leased the batch"
+        time.sleep(0.01)
+    while worker.is_alive():
+        other.run_once()
+        time.sleep(0.05)
+    worker.join()
+    other.run_once()
+    senders = dict(log)
+    assert sorted(senders) == sorted(keys) and len(log) == len(keys), log  # each sent once
+    assert senders[keys[0]] == "slow"
+    assert sum(1 for who in senders.values() if who == "other") >= 2, log
+    assert {r.status for r in outbox_rows(c)} == {"sent"}
+    assert all(r.attempts == 1 for r in outbox_rows(c)), [r.attempts for r in outbox_rows(c)]
+
+
 def test_the_worker_wakes_on_notify_and_listens_again_after_a_restart(cluster, private_url, live, make_container):
     """A worker that polls only every 30 s answers a message stored by another process at once, and
     still does after PostgreSQL restarted under it."""
