@@ -173,6 +173,18 @@ def leased(c) -> int:
     return sum(1 for row in outbox_rows(c) if row.lease_until is not None)
 
 
+def holding_the_batch(c, dispatcher, count: int) -> threading.Thread:
+    """A pass of `dispatcher` in a thread, returned once it holds all `count` messages (so another
+    dispatcher polling from then on competes with a pass in progress, not with its start)."""
+    worker = threading.Thread(target=dispatcher.run_once)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while leased(c) < count:
+        assert time.monotonic() < deadline, "the dispatcher never leased the batch"
+        time.sleep(0.01)
+    return worker
+
+
 def test_a_send_slower_than_the_lease_keeps_it(pg_url, make_container):
     """The renewer keeps a batch's leases while one send takes longer than a whole lease, so a second
     dispatcher polling meanwhile takes nothing. (A dispatcher that dies holding leases loses them within
@@ -187,13 +199,7 @@ def test_a_send_slower_than_the_lease_keeps_it(pg_url, make_container):
     other = Dispatcher(c.db, keyring=c.keyring, clock=c.clock, lease=lease,
                        senders={"email": RecordingSender("other", log, lock)})
     taken = []
-    worker = threading.Thread(target=slow.run_once)
-    worker.start()
-    # The other dispatcher starts polling only once the slow one holds the batch.
-    deadline = time.monotonic() + 10
-    while leased(c) < len(keys):
-        assert time.monotonic() < deadline, "the slow dispatcher never leased the batch"
-        time.sleep(0.01)
+    worker = holding_the_batch(c, slow, len(keys))
     while worker.is_alive():
         taken.append(other.run_once())
         time.sleep(0.1)
@@ -214,12 +220,7 @@ def test_a_slow_pass_lets_go_of_what_it_has_not_started_on(pg_url, make_containe
                       hold_untried=timedelta(seconds=1), senders={"email": RecordingSender("slow", log, lock, delay=2.0)})
     other = Dispatcher(c.db, keyring=c.keyring, clock=c.clock,
                        senders={"email": RecordingSender("other", log, lock)})
-    worker = threading.Thread(target=slow.run_once)
-    worker.start()
-    deadline = time.monotonic() + 10
-    while leased(c) < len(keys):
-        assert time.monotonic() < deadline, "the slow dispatcher never leased the batch"
-        time.sleep(0.01)
+    worker = holding_the_batch(c, slow, len(keys))
     while worker.is_alive():
         other.run_once()
         time.sleep(0.05)
