@@ -6,7 +6,6 @@ import re
 import uuid
 
 from flask import Flask, Response, jsonify, request
-from recovery.db import is_outage
 from werkzeug.exceptions import HTTPException
 
 from bot import csp, logs, pages, webchat
@@ -15,6 +14,7 @@ from bot.http import ApiError
 from bot.webchat import request_locale
 from bot.intercom import webhook as intercom_webhook
 from bot.metrics import CONTENT_TYPE, Exposition, authorized
+from recovery.db import is_outage
 
 log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024
@@ -22,12 +22,6 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{8,64}")  # what proxies such as Heroku
 # A database restart or failover takes seconds; the pool reconnects by itself once it is back.
 RETRY_AFTER = 5
 OUTAGE_MESSAGE = f"the service's database is briefly unavailable; nothing was done: try again in {RETRY_AFTER} seconds"
-
-
-def database_outage(exc: BaseException | None) -> bool:
-    """Whether the database could not be reached (recovery.db.is_outage). The request's transaction did
-    not commit (or never started), so the client may simply send it again."""
-    return is_outage(exc)
 
 
 def create_app(container) -> Flask:
@@ -121,7 +115,7 @@ def create_app(container) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
-        if database_outage(exc):
+        if is_outage(exc):  # nothing was committed, so the client may simply send it again
             return unavailable(exc)
         # The route's pattern, not the path: /enroll/ and /cancel/ paths carry link tokens.
         route = request.url_rule.rule if request.url_rule is not None else "(no route)"
@@ -153,7 +147,7 @@ def _slack_error(error: Exception, response):
     the approver that the click failed, and they click again)."""
     from slack_bolt import BoltResponse
 
-    if not database_outage(error):
+    if not is_outage(error):
         log.error("Slack listener failed", exc_info=error)
         return None
     log.warning("database unavailable in a Slack listener: %s", _driver_error(error))

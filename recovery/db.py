@@ -52,6 +52,15 @@ def is_outage(exc: BaseException | None) -> bool:
     return False
 
 
+def insert_new(session: Session, model, unique):
+    """An INSERT of `model` that skips a row whose `unique` column is already stored (ON CONFLICT DO
+    NOTHING), with no look-up first; each database spells it with a construct of its own."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(model).on_conflict_do_nothing(index_elements=[unique])
+
+
 def make_engine(url: str, **kwargs) -> Engine:
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and ":memory:" not in url:

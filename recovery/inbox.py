@@ -11,11 +11,9 @@ from datetime import datetime
 from typing import Callable
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
-from recovery.db import is_outage
+from recovery.db import insert_new, is_outage
 from recovery.models import InboxEvent
 
 log = logging.getLogger(__name__)
@@ -28,12 +26,10 @@ def add(session: Session, *, source: str, delivery_key: str, conversation_key: s
 
     One INSERT ... ON CONFLICT DO NOTHING: no look-up first, and a redelivery racing the first delivery
     waits for it and then inserts nothing, instead of failing on the unique key."""
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     result = session.execute(
-        insert(InboxEvent)
+        insert_new(session, InboxEvent, InboxEvent.delivery_key)
         .values(delivery_key=delivery_key, source=source, conversation_key=conversation_key, payload=payload,
                 received_at=now, attempts=0)
-        .on_conflict_do_nothing(index_elements=[InboxEvent.delivery_key])
         .returning(InboxEvent.id))
     return result.scalar() is not None
 
@@ -45,12 +41,6 @@ def store(db, **fields) -> bool:
 
 
 Handler = Callable[..., None]
-
-
-def _connection_lost(exc: BaseException) -> bool:
-    # Only the database going away, as in a restart (see is_outage); an error of this event's own making
-    # (a statement timeout, a deadlock) still counts as an attempt.
-    return is_outage(exc)
 
 
 def _eligible():
@@ -117,9 +107,10 @@ def process_one(db, handler: Handler, now_fn) -> bool:
             event.processed_at = now_fn()
         return True
     except Exception as exc:  # noqa: BLE001 - a poisoned event must not stop the queue
-        if event_id is None or _connection_lost(exc):
-            # A dropped connection says nothing about the event: it was not processed, and a database
-            # restart must not use up its attempts. The worker's pass fails and is retried shortly.
+        if event_id is None or is_outage(exc):
+            # The database going away (a restart) says nothing about the event: it was not processed, and
+            # must not use up its attempts; the worker's pass fails and is retried shortly. An error of the
+            # event's own making (a statement timeout, a deadlock) still counts as an attempt.
             raise
         log.exception("inbox event %s failed", event_id)
         with db.transaction() as session:

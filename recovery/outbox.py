@@ -21,11 +21,10 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import literal_column, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from recovery.crypto import Keyring
+from recovery.db import insert_new
 from recovery.models import OutboxMessage
 
 log = logging.getLogger(__name__)
@@ -78,8 +77,7 @@ def enqueue(session: Session, keyring: Keyring, *, kind: str, key: str, payload:
 
     One INSERT ... ON CONFLICT DO NOTHING, with the row passed as parameters (the wake-up hook reads its
     kind there): no look-up first, and two transactions racing with one key insert it once."""
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    session.execute(insert(OutboxMessage).on_conflict_do_nothing(index_elements=[OutboxMessage.idempotency_key]),
+    session.execute(insert_new(session, OutboxMessage, OutboxMessage.idempotency_key),
                     dict(kind=kind, idempotency_key=key, payload_enc=keyring.encrypt_json(payload),
                          status="pending", attempts=0, next_attempt_at=now, created_at=now, **belongs_to(payload)))
 
