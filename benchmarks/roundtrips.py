@@ -16,7 +16,8 @@ Paths, each repeated `--repeat` times on fresh conversations or cases and report
   web-chat start    "I lost my authenticator", then the address (opens a case, writes two emails)
   intercom message  signed webhook, the worker's turn (contact lookup first) and the reply's delivery
   slack click       an Approve click: the ack, the case re-read and the modal
-  slack decision    the modal's submission (the decision), then the worker updating the card
+  slack decision    the modal's submission (stored, acked with "deciding…"), then the worker's pass: the
+                    decision, the approver's view updated, the card updated
 See docs/performance.md ("Round trips per message").
 """
 from __future__ import annotations
@@ -200,7 +201,7 @@ def slack(c, client, counts: Counts, fake, repeat: int) -> dict:
         steps.setdefault("click: web", []).append(counts.take())
         body = submission(view, user=APPROVER)
         r = client.post("/slack/events", data=body, headers=signed(body))
-        assert r.status_code == 200 and not r.get_data(as_text=True).strip(), r.get_data(as_text=True)
+        assert r.status_code == 200 and r.get_json()["response_action"] == "update", r.get_data(as_text=True)
         steps.setdefault("decision: web", []).append(counts.take())
         turn: dict = {}
         worker_pass(c, counts, turn, "decision ")

@@ -21,9 +21,11 @@ Phases, each `rounds` bursts of `clicks` requests released together by a barrier
                    calls views.open; "click -> views.open" is when the fake Slack received that call.
                    Run twice: the fake API answering at once, and after --api-latency seconds (real Slack
                    answers in about 0.1-0.3 s), since a slow API ties up the listener threads.
-  submission       Approve-modal submissions (view_submission), each on its own low-risk case: ours makes
-                   the decision (a locked, audited state change on PostgreSQL) before it acks. Every case
-                   is checked afterwards to hold exactly one approval.
+  submission       Approve-modal submissions (view_submission), each on its own low-risk case. Ours stores
+                   the submission and acks with a "deciding…" view; a worker process (as `recoverybot
+                   worker`, started for this phase) decides (a locked, audited state change) and shows the
+                   outcome with views.update. "submission -> outcome shown" is when the fake Slack received
+                   that call. Every case is checked afterwards to hold exactly one approval.
 See docs/performance.md ("Slack approvals") for figures and caveats.
 """
 from __future__ import annotations
@@ -140,6 +142,32 @@ def server_main(kind: str, conf: dict, port: int, ready, serve: dict) -> None:
     Served().run()
 
 
+def worker_main(conf: dict, ready) -> None:
+    """`recoverybot worker`: decides stored submissions and sends what they queued."""
+    logging.basicConfig(level=logging.WARNING, format="worker: %(levelname)s %(name)s: %(message)s")
+    from bot.wiring import build
+    from recovery.config import load_settings
+
+    c = build(load_settings(**conf))
+    ready.set()
+    c.worker.run_forever()
+
+
+class Worker:
+    def __init__(self, conf: dict):
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        self.proc = ctx.Process(target=worker_main, args=(conf, ready), daemon=False)
+        self.proc.start()
+        if not ready.wait(60):
+            self.stop()
+            raise RuntimeError("the worker did not start")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.join(timeout=30)
+
+
 class Server:
     def __init__(self, kind: str, conf: dict, port: int, serve: dict):
         ctx = mp.get_context("spawn")
@@ -243,14 +271,29 @@ def click_phase(name: str, servers: dict, fake: SlowSlack, card_of: dict, rounds
             rows.append(row(f"click -> views.open, {name}", app, opened))
 
 
-def submission_phase(servers: dict, view_of: dict, batches: list[list[str]], rows: list) -> None:
+def submission_phase(servers: dict, view_of: dict, batches: list[list[str]], rows: list,
+                     fake: SlowSlack | None = None) -> None:
     for app, server in servers.items():
-        took, errors = [], 0
+        took, shown, errors = [], [], 0
         for batch in batches:
-            results = burst(server.url, [submission(view_of[case_id], user=APPROVER) for case_id in batch])
+            ids = {case_id: f"V{uuid.uuid4().hex[:12].upper()}" for case_id in batch}
+            results = burst(server.url, [submission(view_of[case_id], user=APPROVER, view_id=ids[case_id])
+                                         for case_id in batch])
             took += [done - sent for sent, done, _ in results]
             errors += sum(status != 200 for _, _, status in results)
-        rows.append(row("modal submission (decision)", app, took, errors))
+            if app == "ours" and fake is not None:
+                sent_at = {ids[case_id]: results[i][0] for i, case_id in enumerate(batch)}
+                deadline, seen = time.monotonic() + 30, {}
+                while time.monotonic() < deadline:
+                    seen = {v["view_id"]: v["_at"] for v in fake.named("views.update") if v["view_id"] in sent_at}
+                    if len(seen) == len(sent_at):
+                        break
+                    time.sleep(0.05)
+                errors += len(sent_at) - len(seen)
+                shown += [seen[v] - sent_at[v] for v in seen]
+        rows.append(row("modal submission (ack)", app, took, errors))
+        if shown:
+            rows.append(row("submission -> outcome shown", app, shown))
 
 
 def render(rows: list[dict]) -> str:
@@ -336,7 +379,11 @@ def main(argv=None) -> int:
         batches = [decide_cases[i:i + args.clicks] for i in range(0, len(decide_cases), args.clicks)]
         # the bare app acks the same bodies; ours decides each case once, so it goes last on these cases
         submission_phase({"bare": servers["bare"]}, view_of, batches, rows)
-        submission_phase({"ours": servers["ours"]}, view_of, batches, rows)
+        worker = Worker(conf)
+        try:
+            submission_phase({"ours": servers["ours"]}, view_of, batches, rows, fake)
+        finally:
+            worker.stop()
 
         engine = create_engine(db_url)
         with engine.connect() as conn:

@@ -7,7 +7,7 @@ from recovery.dialog import Dialog, Incoming
 from recovery.models import InboxEvent
 
 
-def make_handler(deps, keyring, *, intercom=None):
+def make_handler(deps, keyring, *, intercom=None, slack=None):
     def prepare(source: str, payload: dict):
         """Network work done before the inbox transaction opens (see recovery.inbox.process_one)."""
         return intercom.prepare(payload) if source == "intercom" and intercom is not None else None
@@ -23,6 +23,8 @@ def make_handler(deps, keyring, *, intercom=None):
             # Processed: keep only what the transcript keeps, so the plain text is not at rest.
             event.payload = {k: v for k, v in payload.items() if k != "text_enc"} | {
                 "text_redacted": result.stored_text}
+        elif event.source == "slack" and slack is not None:
+            slack.handle(session, event)  # an approver's decision (bot/slack/decisions.py)
         elif event.source == "intercom" and intercom is not None:
             intercom.handle(session, event, prepared)  # bot/intercom/inbound.py
         else:

@@ -100,7 +100,8 @@ def timed_handler(handler, metrics, clock):
     chat, when its reply was written). `clock` returns the time now."""
 
     def handle(session, event, *prepared):
-        metrics.customer_message(event.conversation_key, event.received_at)
+        if event.source != "slack":  # an approver's decision is not a customer waiting for a reply
+            metrics.customer_message(event.conversation_key, event.received_at)
         result = handler(session, event, *prepared)
         if event.conversation_key.startswith("webchat:"):
             # The web chat's reply is written in this very transaction (recovery.notify.ChatWriter), so it

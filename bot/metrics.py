@@ -30,7 +30,7 @@ from recovery.machine import TRANSITIONS
 
 log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-OUTBOX_KINDS = ("chat", "email", "staff")
+OUTBOX_KINDS = ("chat", "email", "slack", "staff")
 REPLY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 WAITING_MAX = 10_000  # conversations whose reply is being timed; the oldest are dropped beyond this
 

@@ -65,6 +65,8 @@ def _note_inserted(state) -> None:
 
 
 def _notify(session) -> None:
+    if session.in_nested_transaction():
+        return  # a savepoint's release; the real commit announces it with the rest
     stored = session.info.pop("recoverybot_stored", None)
     if stored:
         session.connection().execute(select(*(func.pg_notify(CHANNEL, what) for what in sorted(stored))))

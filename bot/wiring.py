@@ -89,13 +89,17 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
         "chat": ChatRouter({"webchat": WebChatSender(db, renderer, clock)}),
         "staff": ConsoleStaffNotifier(),
     }
-    slack_client = None
+    slack_client = slack_decisions = None
     if settings.slack_enabled:
         from bot.slack.app import make_client
         from bot.slack.card import conversation_link
         from bot.slack.notifier import SlackStaffNotifier
 
+        from bot.slack.decisions import Decisions, SlackReplySender
+
         slack_client = make_client(settings)
+        slack_decisions = Decisions(deps=deps, renderer=renderer)
+        senders["slack"] = SlackReplySender(slack_client)
         senders["staff"] = SlackStaffNotifier(db=db, deps=deps, renderer=renderer, client=slack_client,
                                               channel=settings.SLACK_APPROVAL_CHANNEL,
                                               security_ids=settings.SLACK_SECURITY_APPROVER_IDS,
@@ -118,11 +122,14 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
                                            staff=StaffDirectory(mapping=settings.admin_approver_map(),
                                                                 slack_client=slack_client))
     staff_channel = "slack" if settings.slack_enabled else "console"
-    for kind, channel in (("email", "email"), ("chat", chat_channel), ("staff", staff_channel)):
-        senders[kind] = MeteredSender(senders[kind], metrics, clock, channel=channel, max_attempts=MAX_ATTEMPTS)
+    for kind, channel in (("email", "email"), ("chat", chat_channel), ("staff", staff_channel), ("slack", "slack")):
+        if kind in senders:
+            senders[kind] = MeteredSender(senders[kind], metrics, clock, channel=channel,
+                                          max_attempts=MAX_ATTEMPTS)
     dispatcher = Dispatcher(db, keyring=keyring, senders=senders, clock=clock, metrics=metrics,
                             max_attempts=MAX_ATTEMPTS)
-    handler = timed_handler(make_handler(deps, keyring, intercom=intercom_inbound), metrics, clock.now)
+    handler = timed_handler(make_handler(deps, keyring, intercom=intercom_inbound, slack=slack_decisions), metrics,
+                            clock.now)
     worker = Worker(db=db, recovery=recovery, dispatcher=dispatcher, handler=handler, clock=clock,
                     idle_sleep=settings.WORKER_IDLE_SECONDS, retention=settings.retention(),
                     listen=settings.WORKER_LISTEN)

@@ -42,19 +42,18 @@ class Recovery:
 
     def decide(self, case_id: str, *, approver: str, decision: str, reason: str | None = None,
                step_up_code: str | None = None, channel: str = "cli") -> Case:
+        """One approver's decision in a transaction of its own (the CLI); a refusal is recorded in a second
+        one, since the first rolled back."""
         try:
             with self.service() as svc:
                 return svc.decide(case_id, approver=approver, decision=decision, reason=reason,
                                   step_up_code=step_up_code, channel=channel)
         except ApprovalRefused as exc:
             with self.service() as svc:
-                case = svc.get(case_id)
-                audit.append(svc.s, case_id=case.id, event="approval_refused", from_state=case.state,
-                             to_state=case.state, actor=approver, channel=channel, reason=exc.reason,
-                             at=svc.now)
-                if exc.reason == "step_up_failed":
-                    svc.s.add(Attempt(key=step_up_failure_key(approver), at=svc.now))
+                record_refusal(svc, case_id, approver, channel, exc)
             raise
+
+    # ---- links --------------------------------------------------------------------------------------
 
     # ---- links --------------------------------------------------------------------------------------
 
@@ -123,6 +122,29 @@ class Recovery:
             with self.service() as svc:
                 timers.postpone(svc.s, timer_id, svc.now, seconds=60)
             return True
+
+
+def decide_within(svc: LinkService, case_id: str, *, approver: str, decision: str, reason: str | None = None,
+                  step_up_code: str | None = None, channel: str) -> Case:
+    """One approver's decision in the caller's transaction (the worker deciding a stored Slack submission,
+    so the decision and the event's "processed" mark commit together). The decision runs in a savepoint:
+    a refusal rolls back whatever it had begun, is recorded in the same transaction, and is raised."""
+    try:
+        with svc.s.begin_nested():
+            return svc.decide(case_id, approver=approver, decision=decision, reason=reason,
+                              step_up_code=step_up_code, channel=channel)
+    except ApprovalRefused as exc:
+        record_refusal(svc, case_id, approver, channel, exc)
+        raise
+
+
+def record_refusal(svc: LinkService, case_id: str, approver: str, channel: str, exc: ApprovalRefused) -> None:
+    """Audit a refused decision; a wrong step-up code also counts towards the approver's limit."""
+    case = svc.get(case_id)
+    audit.append(svc.s, case_id=case.id, event="approval_refused", from_state=case.state, to_state=case.state,
+                 actor=approver, channel=channel, reason=exc.reason, at=svc.now)
+    if exc.reason == "step_up_failed":
+        svc.s.add(Attempt(key=step_up_failure_key(approver), at=svc.now))
 
 
 def _code_expiry(svc: LinkService, case: Case) -> None:

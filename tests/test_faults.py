@@ -270,7 +270,7 @@ def test_webhooks_meeting_a_stopped_database_get_503_and_store_nothing(cluster, 
                       SLACK_BOT_TOKEN="xoxb-test-token", SLACK_SIGNING_SECRET=SIGNING_SECRET,
                       SLACK_APPROVAL_CHANNEL="C0APPROVE", SLACK_APPROVER_IDS="UALICE", SLACK_API_URL=slack.url)
         event = json.dumps(customer_event("I lost my phone", conversation="147000000901", part="1", first=True))
-        modal = {"callback_id": "approve_modal", "private_metadata": "RC-NOSUCH|C0APPROVE", "blocks": [],
+        modal = {"callback_id": "approve_modal", "private_metadata": "RC-NOSUCH01|C0APPROVE", "blocks": [],
                  "title": {"type": "plain_text", "text": "Approve reset"}}
         click = submission(modal, user="UALICE")
         cluster.stop()

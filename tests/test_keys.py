@@ -129,7 +129,7 @@ def test_rotation_keeps_a_case_in_flight_working(any_db_url, live, make_containe
     rig = Rig(new, slack)
     view = rig.modal(waiting, ALICE)
     assert any(b.get("block_id") == "totp" for b in view["blocks"])
-    assert rig.submit(view, ALICE, code=fresh_code(new.container, alice)).text == ""
+    assert rig.submit(view, ALICE, code=fresh_code(new.container, alice)).decided
     rig.drain()  # approved, the 0 h notice window, the link; and the chat message stored under the old key
     assert get_case(new.container, waiting).state == "link_sent"
     confirm_link(new.container, waiting, *start_link(new.container, waiting, "correct horse battery"))

@@ -25,10 +25,12 @@ from sqlalchemy import func, select, update
 from bot.cli import main as cli_main
 from recovery.config import Settings, load_settings
 from recovery.errors import ConfigError
-from recovery.models import CaseDocument, Conversation, OutboxMessage, SlackCard
+from recovery.models import CaseDocument, Conversation, InboxEvent, OutboxMessage, SlackCard
 from recovery.notify import Notifier
-from recovery.outbox import Dispatcher
+from recovery import inbox
+from recovery.outbox import Dispatcher, Lane
 from tests.conftest import SECRET, ChatClient, code_in, link_in
+from tests.test_roundtrips import Counted
 from tests.helpers import (account, awaiting_case, folder_mails, get_case, last_mail, load_accounts, open_case,
                            pass_checks)
 from tests.intercom_api import FakeIntercom, settings_for
@@ -41,6 +43,9 @@ from tests.test_security import (ALEX, MEI, SAM, _cases_awaiting, approvals, aud
 CHANNEL = "C0APPROVE"
 ALICE, BOB, CAROL, MALLORY = "UALICE", "UBOB", "UCAROL", "UMALLORY"   # CAROL is the security group
 OTHER_TEAM = "T0ELSEWHERE"
+# statements for a submission: the web process's ack, and the worker's decision (as measured when set)
+WEB_SUBMISSION = {"sqlite": 1, "postgresql": 2}
+WORKER_DECISION = {"sqlite": 17, "postgresql": 16}
 INTERCOM_URL = "https://app.intercom.com/a/inbox/w0rk5p4c3/inbox/conversation/{id}"
 
 
@@ -81,15 +86,19 @@ class Rig:
         return self.fake.wait_for("views.open", before + 1)[-1]["view"]
 
     def submit(self, view: dict, user: str, *, code: str | None = None, reason: str | None = None,
-               team: str = TEAM) -> requests.Response:
+               team: str = TEAM) -> "Submitted":
+        """Submit the modal, then drain the worker, which decides and updates the view with the outcome."""
         values = {}
         if code is not None:
             values["totp"] = {"code": {"type": "plain_text_input", "value": code}}
         if reason is not None:
             values["reason"] = {"text": {"type": "plain_text_input", "value": reason}}
-        r = self.post(submission(view, user=user, team=team, values=values))
+        view_id = f"V{uuid.uuid4().hex[:10].upper()}"
+        r = self.post(submission(view, user=user, team=team, values=values, view_id=view_id))
         assert r.status_code == 200, r.text
-        return r
+        self.decide()
+        shown = [u["view"] for u in self.fake.named("views.update") if u["view_id"] == view_id]
+        return Submitted(r, shown[-1] if shown else None, fields=set(values))
 
     def approve(self, case_id: str, user: str, code: str | None = None) -> requests.Response:
         return self.submit(self.modal(case_id, user), user, code=code)
@@ -123,6 +132,14 @@ class Rig:
     def drain(self) -> None:
         self.c.worker.drain()
 
+    def decide(self) -> None:
+        """What the worker does with stored submissions, and no more: it decides them and shows each
+        approver the outcome; timers and the case's other messages wait for `drain`."""
+        while inbox.process_one(self.c.db, self.c.worker.handler, self.c.clock.now):
+            pass
+        while self.c.dispatcher.run_once(50, Lane(("slack",))):
+            pass
+
 
 @pytest.fixture
 def rig(live, slack):
@@ -145,10 +162,34 @@ def has_buttons(blocks: list[dict]) -> bool:
     return any(b["type"] == "actions" for b in blocks)
 
 
-def errors_of(r: requests.Response) -> dict:
-    body = r.json()
-    assert body["response_action"] == "errors", body
-    return body["errors"]
+class Submitted:
+    """A modal submission as the approver saw it: the ack, and the view the worker then showed."""
+
+    def __init__(self, ack: requests.Response, shown: dict | None, *, fields: set[str]):
+        self.ack, self.shown, self.fields = ack, shown, fields
+        body = ack.json() if ack.text else {}
+        self.inline_errors = body.get("errors") if body.get("response_action") == "errors" else None
+        if self.inline_errors is None and ack.text:
+            # anything else is the "deciding…" view, with no form left to submit twice
+            assert body["response_action"] == "update" and "submit" not in body["view"], body
+            assert "Recording your" in text_of(body["view"]["blocks"]), body
+
+    @property
+    def decided(self) -> bool:
+        """The decision was made: the view says so, with no form and no warning."""
+        return (self.inline_errors is None and self.shown is not None and "submit" not in self.shown
+                and "Nothing was changed" not in text_of(self.shown["blocks"]))
+
+
+def errors_of(sub: Submitted) -> dict:
+    """What the approver was told instead of a decision, keyed by the form's fields: the form's own errors
+    (answered in the ack), the warning above the form shown again, or the message of a view with no form."""
+    if sub.inline_errors is not None:
+        return sub.inline_errors
+    assert sub.shown is not None and not sub.decided, "the submission was decided"
+    notes = [e["text"] for b in sub.shown["blocks"] if b["type"] == "context" for e in b["elements"]]
+    message = notes[-1] if "submit" in sub.shown else text_of(sub.shown["blocks"])
+    return {field: message for field in sub.fields}
 
 
 def refusals(c, case_id: str) -> list[tuple[str, str]]:
@@ -374,7 +415,7 @@ def test_approve_without_step_up_updates_the_card_and_threads_what_follows(sqlit
     view = r.modal(case_id, ALICE)
     assert view["callback_id"] == "approve_modal" and view["private_metadata"].startswith(case_id)
     assert not any(b.get("block_id") == "totp" for b in view["blocks"])
-    assert r.submit(view, ALICE).text == ""  # a plain ack closes the modal
+    assert r.submit(view, ALICE).decided  # "deciding…" in the ack, then the outcome in the same view
 
     case = get_case(r.c, case_id)
     assert case.state == "approved"
@@ -406,7 +447,7 @@ def test_step_up_code_wrong_reused_or_missing_enrollment_is_a_modal_error(sqlite
     assert "step-up code refused" in errors_of(r.submit(view, ALICE, code=wrong_totp(alice, c.clock.now())))["totp"]
     assert snapshot(c, first) == before
     code = fresh_code(c, alice)
-    assert r.submit(view, ALICE, code=code).text == ""
+    assert r.submit(view, ALICE, code=code).decided
     assert get_case(c, first).state == "approved"
 
     view = r.modal(second, ALICE)
@@ -417,7 +458,7 @@ def test_step_up_code_wrong_reused_or_missing_enrollment_is_a_modal_error(sqlite
     assert "enroll first" in errors_of(r.submit(bob_view, BOB, code="123456"))["totp"]
     assert snapshot(c, second) == before
     assert [reason for _, reason in refusals(c, second)] == ["step_up_failed", "step_up_not_enrolled"]
-    assert r.submit(view, ALICE, code=fresh_code(c, alice)).text == ""
+    assert r.submit(view, ALICE, code=fresh_code(c, alice)).decided
     assert get_case(c, second).state == "approved"
 
 
@@ -435,7 +476,7 @@ def test_high_risk_needs_two_distinct_approvers_one_from_security_each_with_step
     before = snapshot(c, case_id)
     assert "step-up code refused" in errors_of(r.submit(view, BOB, code=wrong_totp(apps[BOB], c.clock.now())))["totp"]
     assert snapshot(c, case_id) == before
-    assert r.submit(view, BOB, code=fresh_code(c, apps[BOB])).text == ""
+    assert r.submit(view, BOB, code=fresh_code(c, apps[BOB])).decided
     assert get_case(c, case_id).state == "awaiting_approval"
     r.drain()
     (first_update,) = r.updates(case_id)
@@ -451,7 +492,7 @@ def test_high_risk_needs_two_distinct_approvers_one_from_security_each_with_step
     assert [reason for _, reason in refusals(c, case_id)] == ["step_up_failed", "already_decided",
                                                               "security_approver_required"]
 
-    assert r.submit(r.modal(case_id, CAROL), CAROL, code=fresh_code(c, apps[CAROL])).text == ""
+    assert r.submit(r.modal(case_id, CAROL), CAROL, code=fresh_code(c, apps[CAROL])).decided
     assert get_case(c, case_id).state == "approved"
     assert [(a.approver, a.security_group) for a in approvals(c, case_id)] == [(BOB, False), (CAROL, True)]
     r.drain()
@@ -471,7 +512,7 @@ def test_deny_requires_a_reason_and_tells_the_owner(sqlite_url, rig):
     assert "needs a reason" in errors_of(r.submit(view, BOB, reason="    "))["reason"]
     assert snapshot(r.c, case_id) == before
 
-    assert r.submit(view, BOB, reason="ID photo does not match the account holder").text == ""
+    assert r.submit(view, BOB, reason="ID photo does not match the account holder").decided
     case = get_case(r.c, case_id)
     assert (case.state, case.final_reason) == ("denied", "ID photo does not match the account holder")
     r.drain()
@@ -579,23 +620,115 @@ def test_stale_and_forged_requests_are_rejected_and_change_nothing(sqlite_url, r
     time.sleep(0.2)  # anything a listener started would have reached Slack by now
     assert snapshot(r.c, case_id) == before and r.count() == calls and refusals(r.c, case_id) == []
     assert r.post(approve, headers=signed(approve, timestamp=now - 290)).status_code == 200  # inside the window
+    r.decide()
     assert get_case(r.c, case_id).state == "approved"
 
 
 def test_replayed_submission_is_harmless(sqlite_url, rig):
-    """The very same signed approve submission delivered twice makes one decision and one card update."""
+    """The very same signed approve submission delivered three times is stored once: one decision, one
+    outcome shown, one card update; each delivery is acked with the same "deciding…" view."""
     r = rig(sqlite_url)
     case_id = awaiting_case(r.c, ALEX)
-    body = submission(r.modal(case_id, ALICE), user=ALICE)
+    body = submission(r.modal(case_id, ALICE), user=ALICE, view_id="VREPLAY")
     headers = signed(body)
-    for _ in range(3):
-        assert r.post(body, headers=headers).status_code == 200
+    acks = [r.post(body, headers=headers) for _ in range(3)]
+    assert [a.status_code for a in acks] == [200] * 3 and len({a.text for a in acks}) == 1
+    r.decide()
     assert get_case(r.c, case_id).state == "approved" and len(approvals(r.c, case_id)) == 1
     assert [e.event for e in audit_events(r.c, case_id)].count("approve") == 1
-    r.fake.wait_for("chat.postEphemeral", 2)
+    (shown,) = [u["view"] for u in r.fake.named("views.update") if u["view_id"] == "VREPLAY"]
+    assert "is approved" in text_of(shown["blocks"])
     r.drain()
-    assert len(r.updates(case_id)) == 1
-    assert all("no longer waiting" in text for text in r.ephemerals(ALICE)) and len(r.ephemerals(ALICE)) == 2
+    assert len(r.updates(case_id)) == 1 and r.ephemerals(ALICE) == []
+
+
+def test_a_submission_is_acked_after_one_insert_and_decided_in_the_worker_in_one_transaction(any_db_url, rig):
+    """The web process acks a submission once it is stored: one INSERT (and, on PostgreSQL, the worker's
+    wake-up), one commit, nothing read or decided. The worker then decides it in one transaction together
+    with the submission's processed mark, and queues the outcome for the approver's view."""
+    r = rig(any_db_url)
+    case_id = awaiting_case(r.c, ALEX)
+    body = submission(r.modal(case_id, ALICE), user=ALICE, view_id="VCOUNTED")
+    with Counted(r.c.db.engine) as web:
+        ack = r.post(body)
+    assert ack.json()["response_action"] == "update" and "Recording your approval" in ack.text
+    inserts = [st for st in web.statements if st.upper().startswith("INSERT")]
+    assert len(inserts) == 1 and "inbox" in inserts[0].lower(), web.statements
+    assert len(web.statements) <= WEB_SUBMISSION[r.c.db.engine.dialect.name] and web.commits == 1, web.statements
+    assert get_case(r.c, case_id).state == "awaiting_approval"
+    with Counted(r.c.db.engine) as worker:
+        assert inbox.process_one(r.c.db, r.c.worker.handler, r.c.clock.now)
+    assert worker.commits == 1, worker.statements
+    assert len(worker.statements) <= WORKER_DECISION[r.c.db.engine.dialect.name], "\n".join(worker.statements)
+    assert get_case(r.c, case_id).state == "approved"
+    with r.c.db.transaction() as s:
+        (event,) = s.scalars(select(InboxEvent).where(InboxEvent.source == "slack")).all()
+        assert event.processed_at is not None and "code_enc" not in event.payload
+        kinds = sorted(m.kind for m in s.scalars(select(OutboxMessage).where(OutboxMessage.case_id == case_id)))
+    assert "slack" in kinds and "staff" in kinds
+
+
+def test_a_malformed_step_up_code_is_a_field_error_and_nothing_is_stored(sqlite_url, rig):
+    """What Slack can show under the field is answered in the ack itself: a code that is not 6 digits, a
+    blank reason. Nothing reaches the inbox, and the approver corrects the same form."""
+    r = rig(sqlite_url, RISK_POLICY='{"levels": {"low": {"step_up": true}}}')
+    case_id = awaiting_case(r.c, ALEX)
+    alice = enroll_approver(r.c, ALICE)
+    view = r.modal(case_id, ALICE)
+    assert "6-digit" in r.submit(view, ALICE, code="12a456").inline_errors["totp"]
+    assert "needs a reason" in r.submit(r.modal(case_id, BOB, action="deny_case"), BOB, reason=" ").inline_errors["reason"]
+    with r.c.db.transaction() as s:
+        assert s.scalar(select(func.count(InboxEvent.id)).where(InboxEvent.source == "slack")) == 0
+    assert r.submit(view, ALICE, code=fresh_code(r.c, alice)).decided
+
+
+def test_the_loser_of_a_race_sees_in_the_modal_and_the_channel_that_nothing_changed(sqlite_url, rig):
+    """Two approvers submit on one case before the worker runs: the first decides, and the second's modal
+    is replaced by the reason (no form to submit again), also posted to them as an ephemeral message."""
+    r = rig(sqlite_url)
+    case_id = awaiting_case(r.c, ALEX)
+    first, second = r.modal(case_id, ALICE), r.modal(case_id, BOB, action="deny_case")
+    ids = {ALICE: "VFIRST", BOB: "VSECOND"}
+    reason = {"reason": {"text": {"type": "plain_text_input", "value": "the ID photo does not match"}}}
+    assert r.post(submission(first, user=ALICE, view_id=ids[ALICE])).status_code == 200
+    assert r.post(submission(second, user=BOB, view_id=ids[BOB], values=reason)).status_code == 200
+    r.decide()
+    shown = {u["view_id"]: u["view"] for u in r.fake.named("views.update")}
+    assert "is approved" in text_of(shown["VFIRST"]["blocks"])
+    assert "submit" not in shown["VSECOND"] and "no longer waiting" in text_of(shown["VSECOND"]["blocks"])
+    assert "no longer waiting" in r.ephemerals(BOB)[-1] and r.ephemerals(ALICE) == []
+    assert get_case(r.c, case_id).state == "approved" and [a.approver for a in approvals(r.c, case_id)] == [ALICE]
+
+
+def test_an_outcome_for_a_closed_modal_is_not_retried_and_the_card_still_tells(sqlite_url, rig):
+    """Once the approver closes the modal, Slack answers views.update with not_found. That message is done,
+    not retried or parked as dead; the decision stands and the card shows it."""
+    r = rig(sqlite_url)
+    case_id = awaiting_case(r.c, ALEX)
+    view = r.modal(case_id, ALICE)
+    r.fake.refuse["views.update"] = "not_found"
+    sub = r.submit(view, ALICE)
+    assert sub.shown is not None and sub.inline_errors is None  # the call was made, and refused
+    with r.c.db.transaction() as s:
+        statuses = s.scalars(select(OutboxMessage.status).where(OutboxMessage.kind == "slack")).all()
+    assert statuses == ["sent"]
+    assert get_case(r.c, case_id).state == "approved"
+    r.drain()
+    assert f"approved by <@{ALICE}>" in text_of(r.updates(case_id)[-1]["blocks"])
+
+
+def test_submissions_wait_for_a_worker_and_are_decided_when_it_comes(sqlite_url, rig):
+    """With no worker running, a submission is stored and acked, and the modal says it is being recorded;
+    the case is unchanged until a worker runs, which then decides it."""
+    r = rig(sqlite_url)
+    case_id = awaiting_case(r.c, ALEX)
+    ack = r.post(submission(r.modal(case_id, ALICE), user=ALICE, view_id="VWAIT"))
+    assert "Recording your approval" in ack.text
+    time.sleep(0.3)
+    assert get_case(r.c, case_id).state == "awaiting_approval" and not r.fake.named("views.update")
+    r.decide()
+    assert get_case(r.c, case_id).state == "approved"
+    assert [u["view_id"] for u in r.fake.named("views.update")] == ["VWAIT"]
 
 
 def test_fifty_pairs_of_concurrent_approvals_make_one_decision_each_on_postgres(pg_url, rig):
@@ -637,6 +770,7 @@ def test_fifty_pairs_of_concurrent_approvals_make_one_decision_each_on_postgres(
         bodies = [body for i in range(wave, wave + 10) for body in pair(i, case_ids[i])]
         assert burst(bodies) == [200] * len(bodies)
 
+    r.decide()
     for case_id in case_ids:
         assert get_case(c, case_id).state == "approved"
         assert len(approvals(c, case_id)) == 1

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy import func, select
 
-from recovery.models import Approval, AuditRecord, Case, Conversation, OutboxMessage
+from recovery.models import Approval, AuditRecord, Case, Conversation, InboxEvent, OutboxMessage
 from tests.helpers import awaiting_case, get_case
 from tests.slack_api import TEAM, button_click, interaction, signed, slash, submission
 from tests.test_security import ALEX, approvals, enroll_approver, snapshot
@@ -70,18 +70,19 @@ def test_with_an_enterprise_id_set_other_or_missing_organisations_are_refused(an
 
 def test_a_step_up_modal_without_its_code_field_is_answered_inside_the_modal(any_db_url, rig):
     """A submission for a case that needs step-up but carries no code field gets the modal back, now with the
-    field and the reason, as a modal update (not Slack's generic error); nothing changes."""
+    field and the reason, as an update of the same view (not Slack's generic error); nothing changes."""
     r = rig(any_db_url, RISK_POLICY='{"levels": {"low": {"step_up": true}}}')
     case_id = awaiting_case(r.c, ALEX)
     enroll_approver(r.c, ALICE)
     view = r.modal(case_id, ALICE)
     stripped = dict(view, blocks=[b for b in view["blocks"] if b.get("block_id") != "totp"])
     before = snapshot(r.c, case_id)
-    resp = r.post(submission(stripped, user=ALICE, values={}))
-    assert resp.status_code == 200
-    answer = resp.json()
-    assert answer["response_action"] == "update"
-    assert [b for b in answer["view"]["blocks"] if b.get("block_id") == "totp"]
+    resp = r.post(submission(stripped, user=ALICE, values={}, view_id="VSTRIPPED"))
+    assert resp.status_code == 200 and resp.json()["response_action"] == "update"  # "deciding…"
+    r.decide()
+    [update] = [u for u in r.fake.named("views.update") if u["view_id"] == "VSTRIPPED"]
+    answer = update
+    assert answer["view"]["submit"] and [b for b in answer["view"]["blocks"] if b.get("block_id") == "totp"]
     [notice] = [b for b in answer["view"]["blocks"] if b["type"] == "context"]
     assert "current code from your own authenticator" in notice["elements"][0]["text"]
     assert snapshot(r.c, case_id) == before
@@ -161,8 +162,9 @@ def generated_bodies(bases: list[str], n: int, seed: int = 7) -> list[tuple[str,
 
 
 def test_thousands_of_signed_malformed_bodies_get_no_5xx_and_change_nothing(sqlite_url, rig):
-    """5,000 generated bodies, each correctly signed, are answered below 500, and afterwards no case, approval,
-    audit record, conversation or outbox message was added or changed."""
+    """5,000 generated bodies, each correctly signed, are answered below 500; once the worker has decided the
+    submissions that were stored, no case, approval, audit record or conversation was added or changed, no
+    event failed, and the only messages queued tell an approver that no such case exists."""
     r = rig(sqlite_url)
     case_id = awaiting_case(r.c, ALEX)
     view = r.modal(case_id, ALICE)
@@ -180,7 +182,7 @@ def test_thousands_of_signed_malformed_bodies_get_no_5xx_and_change_nothing(sqli
             return (tuple(s.execute(select(Case.id, Case.state, Case.version)).all()),
                     s.scalar(select(func.count(Approval.id))), s.scalar(select(func.count(AuditRecord.id))),
                     s.scalar(select(func.count()).select_from(Conversation)),
-                    s.scalar(select(func.count(OutboxMessage.id))))
+                    s.scalar(select(func.count(OutboxMessage.id)).where(OutboxMessage.kind != "slack")))
 
     before = state()
     client = r.server.app.test_client()
@@ -195,5 +197,11 @@ def test_thousands_of_signed_malformed_bodies_get_no_5xx_and_change_nothing(sqli
     assert not [s for s in statuses if s >= 500], statuses
     assert statuses.get(400, 0) > 1000  # most bodies are refused by the gate, with a reason
     time.sleep(0.3)  # listeners acked early finish their Slack calls
+    r.decide()
     assert state() == before
+    with r.c.db.transaction() as s:
+        stored = s.scalars(select(InboxEvent).where(InboxEvent.source == "slack")).all()
+        assert stored and all(e.processed_at is not None and e.attempts == 0 for e in stored)
+    told = [u["view"] for u in r.fake.named("views.update")]
+    assert told and all("RC-NOSUCH01" in json.dumps(v) and "not found" in json.dumps(v) for v in told)
     assert get_case(r.c, case_id).state == "awaiting_approval" and approvals(r.c, case_id) == []

@@ -1,7 +1,7 @@
 """The slack-bolt app: approve/deny buttons, their modals, and `/recovery`.
 
-It only translates: a click becomes `Recovery.decide(...)`, a result becomes a modal error or an
-ephemeral message. Who may act is decided from the request's user and team, and the case is always
+It only translates: a click becomes a modal (or an ephemeral refusal); a submission becomes an inbox event
+that the worker decides (bot/slack/decisions.py). Who may act is decided from the request's user and team, and the case is always
 re-read from the database by the message the button is on; the button's value is never trusted.
 """
 from __future__ import annotations
@@ -17,15 +17,16 @@ from slack_sdk import WebClient
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 from sqlalchemy import select
 
-from bot.slack import card
+from bot.slack import card, views
+from bot.slack.decisions import Decisions
+from bot.slack.views import APPROVE_VIEW, DENY_VIEW
 from recovery import audit
 from recovery.cases import initiators
-from recovery.errors import ApprovalRefused, IllegalTransition, NotFound, StepUpRequired
+from recovery.errors import NotFound
 from recovery.machine import State
 from recovery.models import Case, Conversation, SlackCard
 
 log = logging.getLogger(__name__)
-APPROVE_VIEW, DENY_VIEW = "approve_modal", "deny_modal"
 # Bolt runs listeners on a pool of 5 threads by default, and a click is only acked once a pool thread
 # picks it up. Each click's views.open waits on Slack (0.1-0.3 s), so with 5 threads a burst of 50
 # clicks is acked about 2 s late, close to Slack's 3 s limit and the trigger_id's life (see
@@ -46,6 +47,7 @@ class Approvals:
 
     def __init__(self, container, client: WebClient, acks_first: AcksFirst | None = None):
         self.c, self.client = container, client
+        self.decisions = Decisions(deps=container.deps, renderer=container.renderer)
         self.acks_first = acks_first or AcksFirst(limit=0)
         self.approvers = set(container.settings.SLACK_APPROVER_IDS)
         self.security = set(container.settings.SLACK_SECURITY_APPROVER_IDS)
@@ -108,19 +110,9 @@ class Approvals:
             if row is None:
                 return None, set(), "-"
             case, conv = row
-            found = case, initiators(s, case, conv), self._masked_email(s, case)
+            found = case, initiators(s, case, conv), views.masked_email(self.c.deps, s, case)
             s.expunge(case)  # keeps its loaded state through the read-only transaction's rollback
             return found
-
-    def _masked_email(self, session, case: Case) -> str:
-        """The address the case writes to, as kept on the case since it opened; the directory only for
-        a case opened before the case kept it."""
-        if case.owner_contact_enc:
-            email = self.c.keyring.decrypt_json(case.owner_contact_enc).get("email")
-        else:
-            profile = self.c.deps.directory_for(session).get(case.account_id) if case.account_id else None
-            email = profile.email if profile else None
-        return card.mask_email(email) if email else "-"
 
     # ---- buttons ------------------------------------------------------------------------------------
 
@@ -147,41 +139,14 @@ class Approvals:
             self._refuse(body, "unknown", case, channel_id, message="This click carried no trigger; please click again.")
             return
         deciding = action.get("action_id") == card.APPROVE
-        self.client.views_open(trigger_id=body["trigger_id"],
-                               view=self._modal(case, approve=deciding, channel_id=channel_id, masked_email=masked))
-
-    def _modal(self, case: Case, *, approve: bool, channel_id: str | None, notice: str | None = None,
-               masked_email: str | None = None) -> dict:
-        if masked_email is None:
-            with self.c.db.reading() as s:
-                masked_email = self._masked_email(s, case)
-        ctx = dict(case=case, masked_email=masked_email)
-        text = self.c.renderer.block(card.TEMPLATE, "approve_modal_text" if approve else "deny_modal_text", ctx)
-        blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
-        if notice:
-            blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f":warning: {notice}"}]})
-        if approve and self._needs_step_up(case):
-            blocks.append({"type": "input", "block_id": "totp", "label": {"type": "plain_text",
-                           "text": "Code from your own authenticator"},
-                           "element": {"type": "plain_text_input", "action_id": "code", "min_length": 6,
-                                       "max_length": 7}})
-        if not approve:
-            blocks.append({"type": "input", "block_id": "reason", "label": {"type": "plain_text",
-                           "text": "Reason (the owner is told)"},
-                           "element": {"type": "plain_text_input", "action_id": "text", "multiline": True,
-                                       "min_length": 5, "max_length": 1000}})
-        return {"type": "modal", "callback_id": APPROVE_VIEW if approve else DENY_VIEW,
-                "private_metadata": f"{case.id}|{channel_id or ''}",
-                "title": {"type": "plain_text", "text": "Approve reset" if approve else "Deny reset"},
-                "submit": {"type": "plain_text", "text": "Approve" if approve else "Deny"},
-                "close": {"type": "plain_text", "text": "Cancel"}, "blocks": blocks}
+        self.client.views_open(trigger_id=body["trigger_id"], view=views.decision_modal(
+            self.c.renderer, self.c.deps, case, approve=deciding, channel_id=channel_id, masked=masked))
 
     # ---- modal submissions -----------------------------------------------------------------------------
 
-    def _needs_step_up(self, case: Case) -> bool:
-        return bool(case.risk_level) and self.c.deps.policy.rule(case.risk_level).step_up
-
     def on_submit(self, ack, body, view):
+        """Check what the form can show, store the submission, ack with "deciding…"; the worker decides
+        (bot/slack/decisions.py) and updates this view with the outcome."""
         case_id, _, channel_id = (view.get("private_metadata") or "").partition("|")
         values = _values(view)
         reason = self.refusal(body)
@@ -192,41 +157,23 @@ class Approvals:
             if case is not None:
                 self._refuse(body, reason, case, channel_id or None)
             return
-        approve = view.get("callback_id") == APPROVE_VIEW
-        user = _user_id(body)
-        try:
-            self.c.recovery.decide(
-                case_id, approver=user, decision="approve" if approve else "deny",
-                reason=None if approve else _value(values, "reason", "text"),
-                step_up_code=_value(values, "totp", "code"), channel="slack")
-        except StepUpRequired as exc:
-            if "totp" in values:
-                ack(response_action="errors", errors={"totp": str(exc)[:150]})
-                return
-            # A modal without the code field (opened before policy asked for one, or edited): show the
-            # approver the same modal again, now with the field and the reason, inside Slack.
-            case = self._case_or_none(case_id)
-            if case is None or not approve:
-                ack()
-                self._ephemeral(channel_id, user, exc.reason, str(exc))
-                return
-            ack(response_action="update", view=self._modal(case, approve=True, channel_id=channel_id or None,
-                                                           notice=str(exc)[:150]))
+        approve = view.get("callback_id") == views.APPROVE_VIEW
+        if self.decisions.unusable(case_id, view, _user_id(body)):
+            ack(response_action="update", view=views.message_view(
+                self.c.renderer, approve=approve, block="refused",
+                context=dict(reason="unknown", message="This form is not linked to a case; nothing was changed.")))
             return
-        except ApprovalRefused as exc:
-            field = "reason" if "reason" in values else "totp" if "totp" in values else None
-            if field:
-                ack(response_action="errors", errors={field: str(exc)[:150]})
-            else:
-                ack()
-                self._ephemeral(channel_id, user, exc.reason, str(exc))
+        errors = self.decisions.form_error(values, approve=approve)
+        if errors and all(field in values for field in errors):
+            ack(response_action="errors", errors=errors)
             return
-        except (IllegalTransition, NotFound) as exc:
-            # a second click or a racing approver: the first decision stands, nothing changed
-            ack()
-            self._ephemeral(channel_id, user, "closed", str(exc), state=getattr(exc, "state", ""))
-            return
-        ack()
+        with self.c.db.transaction() as s:
+            stored = self.decisions.store(s, body=body, view=view, case_id=case_id, channel_id=channel_id,
+                                          user=_user_id(body), approve=approve, values=values,
+                                          now=self.c.clock.now())
+        self.c.metrics.inbox("slack", "stored" if stored else "duplicate")
+        self.c.worker.wake()  # `recoverybot serve`: the worker in this process; others hear a NOTIFY
+        ack(response_action="update", view=self.decisions.deciding_view(case_id, channel_id, approve=approve))
 
     def _case_or_none(self, case_id: str) -> Case | None:
         with self.c.recovery.service() as svc:
@@ -234,11 +181,6 @@ class Approvals:
                 return svc.get(case_id)
             except NotFound:
                 return None
-
-    def _ephemeral(self, channel_id: str, user: str, reason: str, message: str, state: str = "") -> None:
-        if channel_id:
-            text = self.c.renderer.block(card.TEMPLATE, "refused", dict(reason=reason, state=state, message=message))
-            self.client.chat_postEphemeral(channel=channel_id, user=user, text=text)
 
     # ---- /recovery -------------------------------------------------------------------------------------
 
