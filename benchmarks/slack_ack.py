@@ -142,8 +142,10 @@ def server_main(kind: str, conf: dict, port: int, ready, serve: dict) -> None:
     Served().run()
 
 
-def worker_main(conf: dict, ready) -> None:
+def worker_main(conf: dict, ready, nice: int = 0) -> None:
     """`recoverybot worker`: decides stored submissions and sends what they queued."""
+    if nice:
+        os.nice(nice)
     logging.basicConfig(level=logging.WARNING, format="worker: %(levelname)s %(name)s: %(message)s")
     from bot.wiring import build
     from recovery.config import load_settings
@@ -154,10 +156,10 @@ def worker_main(conf: dict, ready) -> None:
 
 
 class Worker:
-    def __init__(self, conf: dict):
+    def __init__(self, conf: dict, nice: int = 0):
         ctx = mp.get_context("spawn")
         ready = ctx.Event()
-        self.proc = ctx.Process(target=worker_main, args=(conf, ready), daemon=False)
+        self.proc = ctx.Process(target=worker_main, args=(conf, ready, nice), daemon=False)
         self.proc.start()
         if not ready.wait(60):
             self.stop()
@@ -323,6 +325,12 @@ def main(argv=None) -> int:
     p.add_argument("--processes", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "2")),
                    help="gunicorn worker processes for both apps (default WEB_CONCURRENCY or 2)")
     p.add_argument("--threads", type=int, default=8, help="gunicorn threads per process for both apps (default 8)")
+    p.add_argument("--worker", choices=("during", "after"), default="during",
+                   help="during: a worker process decides while the bursts come (as deployed on one machine); "
+                        "after: it starts once they are over, so the submissions' acks share the machine with "
+                        "nothing but the web processes, like the bare app's (default during)")
+    p.add_argument("--worker-nice", type=int, default=0,
+                   help="run the worker at this nice value (a lower scheduling priority than the web processes)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
     serve = {"mode": args.serve, "processes": args.processes, "threads": args.threads}
@@ -379,11 +387,21 @@ def main(argv=None) -> int:
         batches = [decide_cases[i:i + args.clicks] for i in range(0, len(decide_cases), args.clicks)]
         # the bare app acks the same bodies; ours decides each case once, so it goes last on these cases
         submission_phase({"bare": servers["bare"]}, view_of, batches, rows)
-        worker = Worker(conf)
+        worker = Worker(conf, nice=args.worker_nice) if args.worker == "during" else None
         try:
-            submission_phase({"ours": servers["ours"]}, view_of, batches, rows, fake)
+            submission_phase({"ours": servers["ours"]}, view_of, batches, rows, fake if worker else None)
+            if worker is None:  # the decisions waited in the inbox; now a worker decides them
+                worker = Worker(conf)
+                started_at = time.monotonic()
+                deadline = started_at + 120
+                while len(fake.named("views.update")) < len(decide_cases) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                took = time.monotonic() - started_at
+                print(f"worker started after the bursts: {len(fake.named('views.update'))} decisions shown in "
+                      f"{took:.1f} s ({len(decide_cases) / took:.0f} per second)")
         finally:
-            worker.stop()
+            if worker is not None:
+                worker.stop()
 
         engine = create_engine(db_url)
         with engine.connect() as conn:
@@ -402,7 +420,8 @@ def main(argv=None) -> int:
         print(f"(total run time {time.perf_counter() - started:.0f} s)")
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "one_each": one_each}, indent=2))
-        failed = not one_each or any(r["errors"] or r["over_3s"] for r in rows)
+        # Slack's 3 s applies to the acks and to opening the modal; the outcome can update the view later
+        failed = not one_each or any(r["errors"] or (r["over_3s"] and "outcome" not in r["phase"]) for r in rows)
         return 1 if failed else 0
     finally:
         for server in servers.values():

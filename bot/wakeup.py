@@ -72,6 +72,14 @@ def _notify(session) -> None:
         session.connection().execute(select(*(func.pg_notify(CHANNEL, what) for what in sorted(stored))))
 
 
+def announcing(statement, what: str = INBOX):
+    """`statement` (an INSERT ... RETURNING id) with the NOTIFY in the same statement, for a caller that
+    runs it on a plain connection, outside the session hooks above: one round trip instead of two, which
+    is a third of what acknowledging a Slack submission costs the web process."""
+    stored = statement.cte("stored")
+    return select(select(stored.c.id).scalar_subquery().label("id"), func.pg_notify(CHANNEL, what))
+
+
 def _forget(session) -> None:
     session.info.pop("recoverybot_stored", None)
 

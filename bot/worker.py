@@ -9,7 +9,7 @@ from datetime import timedelta
 from bot import wakeup
 from bot.logs import unit_of_work
 from recovery import heartbeats, inbox, limits, retention as retention_mod
-from recovery.outbox import EMAIL_LANE, OTHER_LANE
+from recovery.outbox import APPROVER_LANE, EMAIL_LANE, OTHER_LANE
 
 log = logging.getLogger(__name__)
 # After a failed pass (the database restarting, say), try again soon: leases it gave back and messages
@@ -67,7 +67,9 @@ class Worker:
         """One pass over the three queues; returns how many items were handled. `lane` limits which
         outbox messages this pass sends (run_forever sends email from a loop of its own).
 
-        The inbox batch is small so replies go out soon after their message, not after a long backlog.
+        The inbox batch is small so replies go out soon after their message, not after a long backlog; and
+        what those events owe an approver (the outcome of a decision) goes out before timers and the rest
+        of the outbox.
         """
         done = 0
         for _ in range(inbox_batch):
@@ -75,6 +77,9 @@ class Worker:
                 if not inbox.process_one(self.db, self.handler, self.clock.now):
                     break
             done += 1
+        if done and lane in (None, OTHER_LANE):
+            with unit_of_work():
+                done += self.dispatcher.run_once(batch, APPROVER_LANE)
         for _ in range(batch):
             with unit_of_work():
                 if not self.recovery.fire_due_timer():

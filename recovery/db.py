@@ -52,13 +52,20 @@ def is_outage(exc: BaseException | None) -> bool:
     return False
 
 
-def insert_new(session: Session, model, unique):
-    """An INSERT of `model` that skips a row whose `unique` column is already stored (ON CONFLICT DO
-    NOTHING), with no look-up first; each database spells it with a construct of its own."""
+def insert_new(session_or_dialect, model, unique):
+    """An INSERT into `model`'s table that skips a row whose `unique` column is already stored (ON CONFLICT
+    DO NOTHING), with no look-up first; each database spells it with a construct of its own. Takes the
+    session it will run in, or the dialect's name.
+
+    Built on the table, not the mapped class: the session then runs it as a plain statement instead of
+    through the ORM's bulk-insert path."""
     from sqlalchemy.dialects import postgresql, sqlite
 
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    return dialect.insert(model).on_conflict_do_nothing(index_elements=[unique])
+    name = session_or_dialect if isinstance(session_or_dialect, str) else \
+        session_or_dialect.get_bind().dialect.name
+    dialect = postgresql if name == "postgresql" else sqlite
+    table = model.__table__
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=[table.c[unique.key]])
 
 
 def make_engine(url: str, **kwargs) -> Engine:

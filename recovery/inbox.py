@@ -26,12 +26,19 @@ def add(session: Session, *, source: str, delivery_key: str, conversation_key: s
 
     One INSERT ... ON CONFLICT DO NOTHING: no look-up first, and a redelivery racing the first delivery
     waits for it and then inserts nothing, instead of failing on the unique key."""
-    result = session.execute(
-        insert_new(session, InboxEvent, InboxEvent.delivery_key)
-        .values(delivery_key=delivery_key, source=source, conversation_key=conversation_key, payload=payload,
-                received_at=now, attempts=0)
-        .returning(InboxEvent.id))
-    return result.scalar() is not None
+    statement = insertion(session.get_bind().dialect.name, source=source, delivery_key=delivery_key,
+                          conversation_key=conversation_key, payload=payload, now=now)
+    return session.execute(statement).scalar() is not None
+
+
+def insertion(dialect: str, *, source: str, delivery_key: str, conversation_key: str, payload: dict,
+              now: datetime):
+    """The statement `add` runs, returning the new id (none for a delivery key already stored), for a
+    caller that runs it on a connection of its own."""
+    return (insert_new(dialect, InboxEvent, InboxEvent.delivery_key)
+            .values(delivery_key=delivery_key, source=source, conversation_key=conversation_key, payload=payload,
+                    received_at=now, attempts=0)
+            .returning(InboxEvent.__table__.c.id))
 
 
 def store(db, **fields) -> bool:

@@ -60,6 +60,9 @@ class Lane:
 
 EMAIL_LANE = Lane(("email",))
 OTHER_LANE = Lane(("email",), include=False)
+# What an approver waits for in a modal that says "Recording…": sent right after the decisions, ahead of
+# the timers and card updates those decisions caused.
+APPROVER_LANE = Lane(("slack",))
 
 
 class PermanentFailure(Exception):

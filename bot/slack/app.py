@@ -167,10 +167,8 @@ class Approvals:
         if errors and all(field in values for field in errors):
             ack(response_action="errors", errors=errors)
             return
-        with self.c.db.transaction() as s:
-            stored = self.decisions.store(s, body=body, view=view, case_id=case_id, channel_id=channel_id,
-                                          user=_user_id(body), approve=approve, values=values,
-                                          now=self.c.clock.now())
+        stored = self.decisions.store(self.c.db, body=body, view=view, case_id=case_id, channel_id=channel_id,
+                                      user=_user_id(body), approve=approve, values=values, now=self.c.clock.now())
         self.c.metrics.inbox("slack", "stored" if stored else "duplicate")
         self.c.worker.wake()  # `recoverybot serve`: the worker in this process; others hear a NOTIFY
         ack(response_action="update", view=self.decisions.deciding_view(case_id, channel_id, approve=approve))

@@ -22,6 +22,7 @@ from slack_sdk.errors import SlackApiError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from bot import wakeup
 from bot.slack import card, views
 from recovery import inbox, outbox
 from recovery.app import decide_within
@@ -62,16 +63,20 @@ class Decisions:
             return {"totp": "Enter the 6-digit code your own authenticator shows now."}
         return None
 
-    def store(self, session: Session, *, body: dict, view: dict, case_id: str, channel_id: str, user: str,
-              approve: bool, values: dict, now) -> bool:
-        """Store the submission in the caller's transaction; False when this very submission is stored
-        already (a replay: Slack signs the same body again only if it was sent again)."""
+    def store(self, db, *, body: dict, view: dict, case_id: str, channel_id: str, user: str, approve: bool,
+              values: dict, now) -> bool:
+        """Store the submission; False when this very submission is stored already (a replay: Slack signs
+        the same body again only if it was sent again).
+
+        One statement on a plain connection, and on PostgreSQL the worker's wake-up inside it: this is all
+        the web process does before the ack, so it is kept to a single round trip and commit."""
         code = _value(values, "totp", "code")
         reason = _value(values, "reason", "text")
         keyring = self.deps.keyring
         identity = json.dumps([view.get("id"), view.get("hash"), user, values], sort_keys=True, default=str)
-        return inbox.add(
-            session, source=SOURCE, delivery_key="slack:" + hashlib.sha256(identity.encode()).hexdigest(),
+        statement = inbox.insertion(
+            db.engine.dialect.name, source=SOURCE,
+            delivery_key="slack:" + hashlib.sha256(identity.encode()).hexdigest(),
             # one queue per case, so two approvers' submissions are decided in the order they arrived
             conversation_key=f"slack:{case_id}", now=now,
             payload={"case_id": case_id, "channel_id": channel_id, "user": user,
@@ -80,6 +85,10 @@ class Decisions:
                      # the code and the reason are sealed, and dropped once decided
                      "code_enc": keyring.encrypt(code) if code else None,
                      "reason_enc": keyring.encrypt(reason) if reason else None})
+        if db.is_postgres:
+            statement = wakeup.announcing(statement, wakeup.INBOX)
+        with db.engine.begin() as conn:
+            return conn.execute(statement).scalar() is not None
 
     def deciding_view(self, case_id: str, channel_id: str, *, approve: bool) -> dict:
         return views.message_view(self.renderer, approve=approve, block="deciding",
