@@ -30,6 +30,12 @@ def make_handler(deps, keyring, *, intercom=None, slack=None):
         else:
             raise ValueError(f"no handler for inbox source {event.source!r}")
 
+    def give_up(session: Session, event: InboxEvent) -> None:
+        """The event failed for the last time: an approver still waiting on their submission is told."""
+        if event.source == "slack" and slack is not None:
+            slack.give_up(session, event)
+
     if intercom is not None:  # only Intercom events have network work to do before the transaction
         handle.prepare = prepare
+    handle.give_up = give_up
     return handle

@@ -111,4 +111,6 @@ def timed_handler(handler, metrics, clock):
 
     if hasattr(handler, "prepare"):
         handle.prepare = handler.prepare
+    if hasattr(handler, "give_up"):
+        handle.give_up = handler.give_up
     return handle

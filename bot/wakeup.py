@@ -81,6 +81,8 @@ def announcing(statement, what: str = INBOX):
 
 
 def _forget(session) -> None:
+    if session.in_nested_transaction():
+        return  # a savepoint rolled back: what the enclosing transaction stored is still to be announced
     session.info.pop("recoverybot_stored", None)
 
 

@@ -95,11 +95,12 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
         from bot.slack.card import conversation_link
         from bot.slack.notifier import SlackStaffNotifier
 
-        from bot.slack.decisions import Decisions, SlackReplySender
+        from bot.slack.decisions import Decisions
+        from bot.slack.notifier import ApproverMessages
 
         slack_client = make_client(settings)
         slack_decisions = Decisions(deps=deps, renderer=renderer)
-        senders["slack"] = SlackReplySender(slack_client)
+        senders["slack"] = ApproverMessages(slack_client)
         senders["staff"] = SlackStaffNotifier(db=db, deps=deps, renderer=renderer, client=slack_client,
                                               channel=settings.SLACK_APPROVAL_CHANNEL,
                                               security_ids=settings.SLACK_SECURITY_APPROVER_IDS,

@@ -55,8 +55,6 @@ class Recovery:
 
     # ---- links --------------------------------------------------------------------------------------
 
-    # ---- links --------------------------------------------------------------------------------------
-
     def enroll_view(self, token: str, browser: str | None):
         with self.service() as svc:
             return svc.enroll_view(token, browser)
@@ -125,14 +123,14 @@ class Recovery:
 
 
 def decide_within(svc: LinkService, case_id: str, *, approver: str, decision: str, reason: str | None = None,
-                  step_up_code: str | None = None, channel: str) -> Case:
+                  step_up_code: str | None = None, channel: str, step_up_at=None) -> Case:
     """One approver's decision in the caller's transaction (the worker deciding a stored Slack submission,
     so the decision and the event's "processed" mark commit together). The decision runs in a savepoint:
     a refusal rolls back whatever it had begun, is recorded in the same transaction, and is raised."""
     try:
         with svc.s.begin_nested():
             return svc.decide(case_id, approver=approver, decision=decision, reason=reason,
-                              step_up_code=step_up_code, channel=channel)
+                              step_up_code=step_up_code, channel=channel, step_up_at=step_up_at)
     except ApprovalRefused as exc:
         record_refusal(svc, case_id, approver, channel, exc)
         raise

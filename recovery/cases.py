@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -329,8 +329,11 @@ class CaseService:
     # ---- approvals -------------------------------------------------------------------------------
 
     def decide(self, case_id: str, *, approver: str, decision: str, reason: str | None = None,
-               step_up_code: str | None = None, channel: str = "cli") -> Case:
-        """Record one approver's decision; raises ApprovalRefused (or a subclass) and changes nothing."""
+               step_up_code: str | None = None, channel: str = "cli", step_up_at: datetime | None = None) -> Case:
+        """Record one approver's decision; raises ApprovalRefused (or a subclass) and changes nothing.
+
+        `step_up_at` is when the approver gave the step-up code, where that was before now (a submission
+        decided by the worker): the code is checked against the time it was typed, not the time it is read."""
         # the case, locked, with its conversation (who started it) in the same round trip
         row = self.s.execute(select(Case, Conversation)
                              .outerjoin(Conversation, Conversation.key == Case.conversation_id)
@@ -361,7 +364,7 @@ class CaseService:
             raise ApprovalRefused(case.id, approver, "security_approver_required",
                                   "this high-risk case needs an approval from the security group")
         if rule.step_up:
-            self._step_up(case, approver, step_up_code)
+            self._step_up(case, approver, step_up_code, at=step_up_at or self.now)
         self.s.add(Approval(case_id=case.id, approver=approver, decision="approve", security_group=in_security,
                             reason=reason, at=self.now))
         audit.append(self.s, case_id=case.id, event="approval", from_state=case.state, to_state=case.state,
@@ -391,7 +394,7 @@ class CaseService:
         self._closed(case, "denied")
         return case
 
-    def _step_up(self, case: Case, approver: str, code: str | None) -> None:
+    def _step_up(self, case: Case, approver: str, code: str | None, *, at: datetime) -> None:
         row = self.s.get(Approver, approver, with_for_update=True)
         if row is None:
             raise StepUpRequired(case.id, approver, "step_up_not_enrolled",
@@ -409,7 +412,7 @@ class CaseService:
             raise StepUpRequired(case.id, approver, "step_up_locked",
                                  f"too many wrong step-up codes; try again in {STEP_UP_WINDOW_MINUTES} minutes")
         try:
-            row.last_step = totp.verify(self.deps.keyring.decrypt(row.totp_secret_enc), code, now=self.now,
+            row.last_step = totp.verify(self.deps.keyring.decrypt(row.totp_secret_enc), code, now=at,
                                         last_step=row.last_step)
         except TotpError as exc:
             raise StepUpRequired(case.id, approver, "step_up_failed", f"step-up code refused: {exc}") from None

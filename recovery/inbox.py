@@ -75,7 +75,8 @@ def process_one(db, handler: Handler, now_fn) -> bool:
 
     A handler with a `prepare(source, payload)` attribute gets to do its network calls (say, a contact
     lookup) first, with no transaction open, so no lock is held while waiting on another service;
-    `handler(session, event, prepared)` then runs in the transaction.
+    `handler(session, event, prepared)` then runs in the transaction. A handler with a
+    `give_up(session, event)` attribute is called when an event fails for the last time.
     """
     prepare = getattr(handler, "prepare", None)
     prepared, wanted = None, None
@@ -120,8 +121,16 @@ def process_one(db, handler: Handler, now_fn) -> bool:
             # event's own making (a statement timeout, a deadlock) still counts as an attempt.
             raise
         log.exception("inbox event %s failed", event_id)
+        give_up = getattr(handler, "give_up", None)
         with db.transaction() as session:
             event = session.get(InboxEvent, event_id)
             event.attempts += 1
             event.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+            if event.attempts >= MAX_ATTEMPTS and give_up is not None:
+                # The last try: whoever sent it is told that nothing came of it (a Slack approver).
+                try:
+                    with session.begin_nested():
+                        give_up(session, event)
+                except Exception:  # noqa: BLE001 - the attempt must be counted all the same
+                    log.exception("inbox event %s: giving up failed too", event_id)
         return True

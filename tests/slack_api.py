@@ -29,7 +29,6 @@ class FakeSlack:
         self.uploads: dict[str, bytes] = {}  # file id -> the bytes POSTed to its upload_url
         self.gates: dict[str, threading.Event] = {}  # method -> answered only once the event is set
         self.users: dict[str, str] = {}  # email -> user id, for users.lookupByEmail
-        self.refuse: dict[str, str] = {}  # method -> Slack error for its next call ({"ok": false}, HTTP 200)
         self._ts = 1700000000
         self._files = 0
         fake = self
@@ -92,10 +91,6 @@ class FakeSlack:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def answer(self, method: str, args: dict) -> dict:
-        with self.lock:
-            refused = self.refuse.pop(method, None)
-        if refused:
-            return {"ok": False, "error": refused}
         if method == "auth.test":
             return {"ok": True, "team_id": TEAM, "user_id": "UBOT", "bot_id": "BBOT"}
         if method == "chat.postMessage":

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from bot.cli import main as cli_main
 from recovery.config import Settings, load_settings
@@ -87,18 +87,20 @@ class Rig:
 
     def submit(self, view: dict, user: str, *, code: str | None = None, reason: str | None = None,
                team: str = TEAM) -> "Submitted":
-        """Submit the modal, then drain the worker, which decides and updates the view with the outcome."""
+        """Submit the modal, then let the worker decide: what the approver is told arrives as an ephemeral
+        message in the card's channel."""
         values = {}
         if code is not None:
             values["totp"] = {"code": {"type": "plain_text_input", "value": code}}
         if reason is not None:
             values["reason"] = {"text": {"type": "plain_text_input", "value": reason}}
-        view_id = f"V{uuid.uuid4().hex[:10].upper()}"
-        r = self.post(submission(view, user=user, team=team, values=values, view_id=view_id))
+        before = len(self.ephemerals(user))
+        r = self.post(submission(view, user=user, team=team, values=values))
         assert r.status_code == 200, r.text
         self.decide()
-        shown = [u["view"] for u in self.fake.named("views.update") if u["view_id"] == view_id]
-        return Submitted(r, shown[-1] if shown else None, fields=set(values))
+        told = self.ephemerals(user)[before:]
+        assert len(told) <= 1, told
+        return Submitted(r, told[0] if told else None, fields=set(values))
 
     def approve(self, case_id: str, user: str, code: str | None = None) -> requests.Response:
         return self.submit(self.modal(case_id, user), user, code=code)
@@ -163,33 +165,30 @@ def has_buttons(blocks: list[dict]) -> bool:
 
 
 class Submitted:
-    """A modal submission as the approver saw it: the ack, and the view the worker then showed."""
+    """A modal submission as the approver saw it: the answer to the submission, then what they were told."""
 
-    def __init__(self, ack: requests.Response, shown: dict | None, *, fields: set[str]):
-        self.ack, self.shown, self.fields = ack, shown, fields
+    def __init__(self, ack: requests.Response, told: str | None, *, fields: set[str]):
+        self.ack, self.told, self.fields = ack, told, fields
         body = ack.json() if ack.text else {}
         self.inline_errors = body.get("errors") if body.get("response_action") == "errors" else None
         if self.inline_errors is None and ack.text:
-            # anything else is the "deciding…" view, with no form left to submit twice
+            # anything else is the "recording…" view, with no form left to submit twice
             assert body["response_action"] == "update" and "submit" not in body["view"], body
             assert "Recording your" in text_of(body["view"]["blocks"]), body
 
     @property
     def decided(self) -> bool:
-        """The decision was made: the view says so, with no form and no warning."""
-        return (self.inline_errors is None and self.shown is not None and "submit" not in self.shown
-                and "Nothing was changed" not in text_of(self.shown["blocks"]))
+        """The decision was made: the approver is told so, and not that nothing changed."""
+        return self.inline_errors is None and self.told is not None and "Nothing was changed" not in self.told
 
 
 def errors_of(sub: Submitted) -> dict:
     """What the approver was told instead of a decision, keyed by the form's fields: the form's own errors
-    (answered in the ack), the warning above the form shown again, or the message of a view with no form."""
+    (answered with the submission), or the message posted to them afterwards."""
     if sub.inline_errors is not None:
         return sub.inline_errors
-    assert sub.shown is not None and not sub.decided, "the submission was decided"
-    notes = [e["text"] for b in sub.shown["blocks"] if b["type"] == "context" for e in b["elements"]]
-    message = notes[-1] if "submit" in sub.shown else text_of(sub.shown["blocks"])
-    return {field: message for field in sub.fields}
+    assert sub.told is not None and not sub.decided, f"the submission was decided: {sub.told}"
+    return {field: sub.told for field in sub.fields}
 
 
 def refusals(c, case_id: str) -> list[tuple[str, str]]:
@@ -387,8 +386,8 @@ def test_document_sent_in_chat_after_the_card_goes_to_its_thread(sqlite_url, rig
                                                          "content_type": "image/png", "filesize": len(content)}])
         r.drain()
 
-    for text in ("I lost my authenticator", "alex@example.com"):
-        customer.say(text)
+    for said in ("I lost my authenticator", "alex@example.com"):
+        customer.say(said)
         r.drain()
     send_photo("front.png", first)
     with c.db.transaction() as s:
@@ -626,20 +625,20 @@ def test_stale_and_forged_requests_are_rejected_and_change_nothing(sqlite_url, r
 
 def test_replayed_submission_is_harmless(sqlite_url, rig):
     """The very same signed approve submission delivered three times is stored once: one decision, one
-    outcome shown, one card update; each delivery is acked with the same "deciding…" view."""
+    message to the approver, one card update; each delivery gets the same "recording…" answer."""
     r = rig(sqlite_url)
     case_id = awaiting_case(r.c, ALEX)
-    body = submission(r.modal(case_id, ALICE), user=ALICE, view_id="VREPLAY")
+    body = submission(r.modal(case_id, ALICE), user=ALICE)
     headers = signed(body)
     acks = [r.post(body, headers=headers) for _ in range(3)]
     assert [a.status_code for a in acks] == [200] * 3 and len({a.text for a in acks}) == 1
     r.decide()
     assert get_case(r.c, case_id).state == "approved" and len(approvals(r.c, case_id)) == 1
     assert [e.event for e in audit_events(r.c, case_id)].count("approve") == 1
-    (shown,) = [u["view"] for u in r.fake.named("views.update") if u["view_id"] == "VREPLAY"]
-    assert "is approved" in text_of(shown["blocks"])
+    (told,) = r.ephemerals(ALICE)
+    assert "` is approved" in told
     r.drain()
-    assert len(r.updates(case_id)) == 1 and r.ephemerals(ALICE) == []
+    assert len(r.updates(case_id)) == 1 and len(r.ephemerals(ALICE)) == 1
 
 
 def test_a_submission_is_acked_after_one_insert_and_decided_in_the_worker_in_one_transaction(any_db_url, rig):
@@ -648,7 +647,7 @@ def test_a_submission_is_acked_after_one_insert_and_decided_in_the_worker_in_one
     with the submission's processed mark, and queues the outcome for the approver's view."""
     r = rig(any_db_url)
     case_id = awaiting_case(r.c, ALEX)
-    body = submission(r.modal(case_id, ALICE), user=ALICE, view_id="VCOUNTED")
+    body = submission(r.modal(case_id, ALICE), user=ALICE)
     with Counted(r.c.db.engine) as web:
         ack = r.post(body)
     assert ack.json()["response_action"] == "update" and "Recording your approval" in ack.text
@@ -682,58 +681,85 @@ def test_a_malformed_step_up_code_is_a_field_error_and_nothing_is_stored(sqlite_
     assert r.submit(view, ALICE, code=fresh_code(r.c, alice)).decided
 
 
-def test_the_loser_of_a_race_sees_in_the_modal_and_the_channel_that_nothing_changed(sqlite_url, rig):
-    """Two approvers submit on one case before the worker runs: the first decides, and the second's modal
-    is replaced by the reason (no form to submit again), also posted to them as an ephemeral message."""
+def test_the_loser_of_a_race_is_told_that_nothing_changed(sqlite_url, rig):
+    """Two approvers submit on one case before the worker runs: the first decides, and the second is told,
+    next to the card, that the case is no longer waiting."""
     r = rig(sqlite_url)
     case_id = awaiting_case(r.c, ALEX)
     first, second = r.modal(case_id, ALICE), r.modal(case_id, BOB, action="deny_case")
-    ids = {ALICE: "VFIRST", BOB: "VSECOND"}
     reason = {"reason": {"text": {"type": "plain_text_input", "value": "the ID photo does not match"}}}
-    assert r.post(submission(first, user=ALICE, view_id=ids[ALICE])).status_code == 200
-    assert r.post(submission(second, user=BOB, view_id=ids[BOB], values=reason)).status_code == 200
+    assert r.post(submission(first, user=ALICE)).status_code == 200
+    assert r.post(submission(second, user=BOB, values=reason)).status_code == 200
     r.decide()
-    shown = {u["view_id"]: u["view"] for u in r.fake.named("views.update")}
-    assert "is approved" in text_of(shown["VFIRST"]["blocks"])
-    assert "submit" not in shown["VSECOND"] and "no longer waiting" in text_of(shown["VSECOND"]["blocks"])
-    assert "no longer waiting" in r.ephemerals(BOB)[-1] and r.ephemerals(ALICE) == []
+    assert ["` is approved" in t for t in r.ephemerals(ALICE)] == [True]
+    (told,) = r.ephemerals(BOB)
+    assert "Nothing was changed" in told and "no longer waiting" in told and "Click" not in told
     assert get_case(r.c, case_id).state == "approved" and [a.approver for a in approvals(r.c, case_id)] == [ALICE]
 
 
-def test_an_outcome_for_a_closed_modal_is_not_retried_and_the_card_still_tells(sqlite_url, rig):
-    """Once the approver closes the modal, Slack answers views.update with not_found. That message is done,
-    not retried or parked as dead; the decision stands and the card shows it."""
-    r = rig(sqlite_url)
+def test_a_step_up_code_is_checked_against_when_it_was_submitted(sqlite_url, rig):
+    """The worker may decide minutes after the approver submitted (a backlog, a restart): a code that was
+    right when submitted is accepted, and one that was wrong then is refused, whenever the worker runs."""
+    r = rig(sqlite_url, RISK_POLICY='{"levels": {"low": {"step_up": true}}}')
+    c = r.c
+    load_accounts(c, [{k: v for k, v in account("acct-2001", "lee@example.com").items() if k != "password"}])
+    good_case, bad_case = awaiting_case(c, ALEX), awaiting_case(c, "lee@example.com")
+    alice = enroll_approver(c, ALICE)
+    good_view, bad_view = r.modal(good_case, ALICE), r.modal(bad_case, ALICE)
+    code_then, wrong_then = fresh_code(c, alice), wrong_totp(alice, c.clock.now())
+    totp = {"totp": {"code": {"type": "plain_text_input", "value": code_then}}}
+    assert r.post(submission(good_view, user=ALICE, values=totp)).status_code == 200
+    totp = {"totp": {"code": {"type": "plain_text_input", "value": wrong_then}}}
+    assert r.post(submission(bad_view, user=ALICE, values=totp)).status_code == 200
+    c.clock.advance(minutes=5)  # both codes are long out of their window now
+    r.decide()
+    assert get_case(c, good_case).state == "approved"
+    assert get_case(c, bad_case).state == "awaiting_approval"
+    assert [reason for _, reason in refusals(c, bad_case)] == ["step_up_failed"]
+    told = r.ephemerals(ALICE)
+    assert "` is approved" in told[0] and "step-up code refused" in told[1] and "fresh code" in told[1]
+
+
+def test_a_submission_that_keeps_failing_tells_the_approver_and_keeps_no_secret(sqlite_url, rig):
+    """A submission whose decision fails every time (here the approver's step-up secret no longer decrypts,
+    as after a key rotation gone wrong) is given up after the inbox's attempts: the approver is told that
+    nothing was recorded, the case is unchanged, and the sealed step-up code is gone from the stored event."""
+    r = rig(sqlite_url, RISK_POLICY='{"levels": {"low": {"step_up": true}}}')
     case_id = awaiting_case(r.c, ALEX)
+    alice = enroll_approver(r.c, ALICE)
     view = r.modal(case_id, ALICE)
-    r.fake.refuse["views.update"] = "not_found"
-    sub = r.submit(view, ALICE)
-    assert sub.shown is not None and sub.inline_errors is None  # the call was made, and refused
+    before = snapshot(r.c, case_id)
     with r.c.db.transaction() as s:
-        statuses = s.scalars(select(OutboxMessage.status).where(OutboxMessage.kind == "slack")).all()
-    assert statuses == ["sent"]
-    assert get_case(r.c, case_id).state == "approved"
-    r.drain()
-    assert f"approved by <@{ALICE}>" in text_of(r.updates(case_id)[-1]["blocks"])
+        s.execute(text("UPDATE approvers SET totp_secret_enc = 'sealed-under-a-key-we-no-longer-have'"))
+    totp = {"totp": {"code": {"type": "plain_text_input", "value": fresh_code(r.c, alice)}}}
+    assert r.post(submission(view, user=ALICE, values=totp)).status_code == 200
+    r.decide()
+    with r.c.db.transaction() as s:
+        (event,) = s.scalars(select(InboxEvent).where(InboxEvent.source == "slack")).all()
+        assert event.processed_at is None and event.attempts == 5 and event.last_error
+        assert "code_enc" not in event.payload and "reason_enc" not in event.payload
+    (told,) = r.ephemerals(ALICE)
+    assert "could not be recorded" in told and "nothing was changed" in told and "Click Approve" in told
+    assert snapshot(r.c, case_id) == before
 
 
 def test_submissions_wait_for_a_worker_and_are_decided_when_it_comes(sqlite_url, rig):
-    """With no worker running, a submission is stored and acked, and the modal says it is being recorded;
-    the case is unchanged until a worker runs, which then decides it."""
+    """With no worker running, a submission is stored and answered, and the modal says it is being recorded
+    and where the outcome will appear; the case is unchanged until a worker runs, which then decides it."""
     r = rig(sqlite_url)
     case_id = awaiting_case(r.c, ALEX)
-    ack = r.post(submission(r.modal(case_id, ALICE), user=ALICE, view_id="VWAIT"))
-    assert "Recording your approval" in ack.text
+    ack = r.post(submission(r.modal(case_id, ALICE), user=ALICE))
+    assert "Recording your approval" in ack.text and "posted to you in the card" in ack.text
     time.sleep(0.3)
-    assert get_case(r.c, case_id).state == "awaiting_approval" and not r.fake.named("views.update")
+    assert get_case(r.c, case_id).state == "awaiting_approval" and not r.ephemerals(ALICE)
     r.decide()
     assert get_case(r.c, case_id).state == "approved"
-    assert [u["view_id"] for u in r.fake.named("views.update")] == ["VWAIT"]
+    assert ["` is approved" in t for t in r.ephemerals(ALICE)] == [True]
 
 
 def test_a_worker_in_another_process_is_woken_by_the_submission_itself_on_postgres(pg_url, rig, make_container):
     """The NOTIFY travels inside the submission's INSERT: a worker elsewhere that polls only every 30 s
-    decides the submission and shows the outcome within a few seconds."""
+    decides the submission and tells the approver within a few seconds."""
     r = rig(pg_url)
     case_id = awaiting_case(r.c, ALEX)
     view = r.modal(case_id, ALICE)
@@ -745,13 +771,13 @@ def test_a_worker_in_another_process_is_woken_by_the_submission_itself_on_postgr
     try:
         time.sleep(1)  # past its first passes: from now on it sleeps 30 s unless woken
         started = time.monotonic()
-        assert r.post(submission(view, user=ALICE, view_id="VWOKEN")).status_code == 200
-        (shown,) = r.fake.wait_for("views.update", timeout=5)
+        assert r.post(submission(view, user=ALICE)).status_code == 200
+        (told,) = r.fake.wait_for("chat.postEphemeral", timeout=5)
         took = time.monotonic() - started
     finally:
         worker.worker.stop()
         runner.join(10)
-    assert shown["view_id"] == "VWOKEN" and "is approved" in text_of(shown["view"]["blocks"]) and took < 5
+    assert told["user"] == ALICE and "` is approved" in told["text"] and took < 5
     assert get_case(r.c, case_id).state in ("approved", "link_sent")
 
 
@@ -799,10 +825,11 @@ def test_fifty_pairs_of_concurrent_approvals_make_one_decision_each_on_postgres(
         assert get_case(c, case_id).state == "approved"
         assert len(approvals(c, case_id)) == 1
         assert [e.event for e in audit_events(c, case_id)].count("approve") == 1
-    r.fake.wait_for("chat.postEphemeral", 50)  # every loser is told the case is no longer waiting
+    told = [m["text"] for m in r.fake.named("chat.postEphemeral")]
+    assert len(told) == 100  # every winner is told the case is approved, every loser that it no longer waits
+    assert sum(t.startswith(":white_check_mark:") for t in told) == 50 and sum("no longer waiting" in t for t in told) == 50
     r.drain()
     assert sorted(len(r.updates(case_id)) for case_id in case_ids) == [1] * 50
-    assert len(r.fake.named("chat.postEphemeral")) == 50
 
 
 # ---- several workers ---------------------------------------------------------------------------------------

@@ -68,24 +68,23 @@ def test_with_an_enterprise_id_set_other_or_missing_organisations_are_refused(an
     assert [reason for _, reason in refusals(r.c, case_id)] == ["other_team"] * 3
 
 
-def test_a_step_up_modal_without_its_code_field_is_answered_inside_the_modal(any_db_url, rig):
-    """A submission for a case that needs step-up but carries no code field gets the modal back, now with the
-    field and the reason, as an update of the same view (not Slack's generic error); nothing changes."""
+def test_a_step_up_modal_without_its_code_field_is_refused_with_a_way_forward(any_db_url, rig):
+    """A submission for a case that needs step-up but carries no code field (a modal opened before policy
+    asked for one) changes nothing; the approver is told why and to click Approve again, and the modal that
+    click opens has the code field."""
     r = rig(any_db_url, RISK_POLICY='{"levels": {"low": {"step_up": true}}}')
     case_id = awaiting_case(r.c, ALEX)
     enroll_approver(r.c, ALICE)
     view = r.modal(case_id, ALICE)
     stripped = dict(view, blocks=[b for b in view["blocks"] if b.get("block_id") != "totp"])
     before = snapshot(r.c, case_id)
-    resp = r.post(submission(stripped, user=ALICE, values={}, view_id="VSTRIPPED"))
-    assert resp.status_code == 200 and resp.json()["response_action"] == "update"  # "deciding…"
+    resp = r.post(submission(stripped, user=ALICE, values={}))
+    assert resp.status_code == 200 and resp.json()["response_action"] == "update"  # "recording…"
     r.decide()
-    [update] = [u for u in r.fake.named("views.update") if u["view_id"] == "VSTRIPPED"]
-    answer = update
-    assert answer["view"]["submit"] and [b for b in answer["view"]["blocks"] if b.get("block_id") == "totp"]
-    [notice] = [b for b in answer["view"]["blocks"] if b["type"] == "context"]
-    assert "current code from your own authenticator" in notice["elements"][0]["text"]
+    (told,) = r.ephemerals(ALICE)
+    assert "current code from your own authenticator" in told and "Click Approve on the card again" in told
     assert snapshot(r.c, case_id) == before
+    assert "totp" in {b.get("block_id") for b in r.modal(case_id, ALICE)["blocks"]}  # the new form asks for it
 
 
 def test_a_signed_form_sent_as_json_is_a_bad_request_that_changes_nothing(any_db_url, rig):
@@ -197,11 +196,12 @@ def test_thousands_of_signed_malformed_bodies_get_no_5xx_and_change_nothing(sqli
     assert not [s for s in statuses if s >= 500], statuses
     assert statuses.get(400, 0) > 1000  # most bodies are refused by the gate, with a reason
     time.sleep(0.3)  # listeners acked early finish their Slack calls
+    clicks_told = len(r.fake.named("chat.postEphemeral"))
     r.decide()
     assert state() == before
     with r.c.db.transaction() as s:
         stored = s.scalars(select(InboxEvent).where(InboxEvent.source == "slack")).all()
         assert stored and all(e.processed_at is not None and e.attempts == 0 for e in stored)
-    told = [u["view"] for u in r.fake.named("views.update")]
-    assert told and all("RC-NOSUCH01" in json.dumps(v) and "not found" in json.dumps(v) for v in told)
+    told = r.fake.named("chat.postEphemeral")[clicks_told:]
+    assert told and all("RC-NOSUCH01" in t["text"] and "not found" in t["text"] for t in told)
     assert get_case(r.c, case_id).state == "awaiting_approval" and approvals(r.c, case_id) == []

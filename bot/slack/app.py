@@ -145,8 +145,8 @@ class Approvals:
     # ---- modal submissions -----------------------------------------------------------------------------
 
     def on_submit(self, ack, body, view):
-        """Check what the form can show, store the submission, ack with "deciding…"; the worker decides
-        (bot/slack/decisions.py) and updates this view with the outcome."""
+        """Check what the form can show, store the submission, answer with "recording…"; the worker decides
+        (bot/slack/decisions.py) and tells the approver the outcome in the card's channel."""
         case_id, _, channel_id = (view.get("private_metadata") or "").partition("|")
         values = _values(view)
         reason = self.refusal(body)
@@ -171,7 +171,7 @@ class Approvals:
                                       user=_user_id(body), approve=approve, values=values, now=self.c.clock.now())
         self.c.metrics.inbox("slack", "stored" if stored else "duplicate")
         self.c.worker.wake()  # `recoverybot serve`: the worker in this process; others hear a NOTIFY
-        ack(response_action="update", view=self.decisions.deciding_view(case_id, channel_id, approve=approve))
+        ack(response_action="update", view=self.decisions.recording_view(case_id, channel_id, approve=approve))
 
     def _case_or_none(self, case_id: str) -> Case | None:
         with self.c.recovery.service() as svc:

@@ -3,10 +3,13 @@
 A decision is a locked, audited state change: about 5 ms of CPU, against half a millisecond for the
 ack itself. Deciding before the ack made a burst of submissions wait on each other in the web process
 (docs/performance.md, "Slack approvals"). So the web process checks what Slack can show on the form
-(a missing reason, a malformed code), stores the submission, and acks with a "deciding…" view; the
-worker decides in the same transaction that marks the submission processed, and the outcome reaches
-the approver through the outbox: the view updated in place (views.update), and for a refusal that
-ends the form, an ephemeral message in the channel too, which stays if the modal was closed meanwhile.
+(a missing reason, a malformed code), stores the submission, and answers with a view saying the
+decision is being recorded. The worker decides in the same transaction that marks the submission
+processed, and the outcome reaches the approver through the outbox as an ephemeral message in the
+card's channel, next to the card, which is updated for everyone as before.
+
+The outcome is not shown by updating the modal: the worker can be quicker than Slack applying our
+answer to the submission, and Slack would then put "recording…" back over the outcome for good.
 
 Nothing about who may decide is settled in the web process that the worker does not check again: the
 worker's `decide` re-reads the case under a row lock and applies every rule.
@@ -18,7 +21,6 @@ import json
 import logging
 import re
 
-from slack_sdk.errors import SlackApiError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -30,15 +32,15 @@ from recovery.errors import ApprovalRefused, IllegalTransition, NotFound
 from recovery.links import LinkService
 from recovery.machine import State
 from recovery.models import Approval, Case, InboxEvent
-from recovery.outbox import Outgoing, PermanentFailure
 
 log = logging.getLogger(__name__)
 SOURCE = "slack"
-KIND = "slack"  # outbox messages that answer an approver: a view update or an ephemeral message
+KIND = "slack"  # outbox messages that tell an approver what their submission came to
 CODE = re.compile(r"\d{6}")
 CASE_ID = re.compile(r"RC-[A-Z0-9]{8}")  # recovery.cases.new_case_id
-# Refusals the approver can fix on the same form: it is shown again with the reason above the field.
+# Refusals the approver can fix by submitting again (a fresh code, a reason).
 FIXABLE = {"step_up_failed", "step_up_required", "reason_required"}
+SEALED = ("code_enc", "reason_enc")
 
 
 class Decisions:
@@ -73,7 +75,10 @@ class Decisions:
         code = _value(values, "totp", "code")
         reason = _value(values, "reason", "text")
         keyring = self.deps.keyring
-        identity = json.dumps([view.get("id"), view.get("hash"), user, values], sort_keys=True, default=str)
+        # A version of a view is submitted once (our answer replaces it), so the view's id and hash, with
+        # who submitted it, name the submission; the code and reason stay out of the key, which is stored
+        # in the clear.
+        identity = json.dumps([view.get("id"), view.get("hash"), user], default=str)
         statement = inbox.insertion(
             db.engine.dialect.name, source=SOURCE,
             delivery_key="slack:" + hashlib.sha256(identity.encode()).hexdigest(),
@@ -82,7 +87,7 @@ class Decisions:
             payload={"case_id": case_id, "channel_id": channel_id, "user": user,
                      "team": _dict(body.get("team")).get("id"), "view_id": view.get("id"),
                      "decision": "approve" if approve else "deny",
-                     # the code and the reason are sealed, and dropped once decided
+                     # sealed, and dropped once decided
                      "code_enc": keyring.encrypt(code) if code else None,
                      "reason_enc": keyring.encrypt(reason) if reason else None})
         if db.is_postgres:
@@ -90,99 +95,70 @@ class Decisions:
         with db.engine.begin() as conn:
             return conn.execute(statement).scalar() is not None
 
-    def deciding_view(self, case_id: str, channel_id: str, *, approve: bool) -> dict:
+    def recording_view(self, case_id: str, channel_id: str, *, approve: bool) -> dict:
         return views.message_view(self.renderer, approve=approve, block="deciding",
-                                  context=dict(case_id=case_id, approve=approve),
+                                  context=dict(case_id=case_id, approve=approve, in_channel=bool(channel_id)),
                                   private_metadata=f"{case_id}|{channel_id}")
 
     # ---- worker ---------------------------------------------------------------------------------------
 
     def handle(self, session: Session, event: InboxEvent) -> None:
-        """Decide a stored submission and queue what the approver is shown, in the inbox's transaction."""
+        """Decide a stored submission and queue what the approver is told, in the inbox's transaction."""
         p = dict(event.payload)
         keyring, approve = self.deps.keyring, p["decision"] == "approve"
         svc = LinkService(session, self.deps)
-        case_id, user, channel_id = p["case_id"], p["user"], p.get("channel_id") or ""
-        view, ephemeral = None, None
+        case_id = p["case_id"]
         try:
-            case = decide_within(svc, case_id, approver=user, decision=p["decision"], channel="slack",
+            case = decide_within(svc, case_id, approver=p["user"], decision=p["decision"], channel="slack",
                                  reason=keyring.decrypt(p["reason_enc"]) if p.get("reason_enc") else None,
-                                 step_up_code=keyring.decrypt(p["code_enc"]) if p.get("code_enc") else None)
-            view = self._outcome(session, case, approve=approve, channel_id=channel_id)
+                                 step_up_code=keyring.decrypt(p["code_enc"]) if p.get("code_enc") else None,
+                                 # the code is checked against when it was typed, not when it is read
+                                 step_up_at=event.received_at)
+            text = self._decided(session, case, approve=approve)
         except ApprovalRefused as exc:
-            case = session.get(Case, case_id)
-            if exc.reason in FIXABLE and case is not None and (approve or exc.reason == "reason_required"):
-                view = views.decision_modal(self.renderer, self.deps, case, approve=approve, channel_id=channel_id,
-                                            masked=views.masked_email(self.deps, session, case),
-                                            notice=str(exc)[:150])
-            else:
-                text = self._refused(exc.reason, message=str(exc))
-                view, ephemeral = self._final(case_id, channel_id, approve, text), text
             log.info("slack decision on %s refused: %s", case_id, exc.reason)
+            retry = ("approve" if approve else "deny") if exc.reason in FIXABLE else None
+            text = self._text(case_id, outcome="refused", retry=retry,
+                              message=self._refusal(exc.reason, message=str(exc)))
         except IllegalTransition as exc:
             # a racing approver or a second submission: the first decision stands, nothing changed
-            text = self._refused("closed", message=str(exc), state=exc.state)
-            view, ephemeral = self._final(case_id, channel_id, approve, text), text
+            text = self._text(case_id, outcome="refused", message=self._refusal("closed", message=str(exc),
+                                                                                 state=exc.state))
         except NotFound:
-            text = self._refused("unknown", message=f"case {case_id} was not found.")
-            view, ephemeral = self._final(case_id, channel_id, approve, text), text
-        now = svc.now
-        if p.get("view_id"):
-            outbox.enqueue(session, keyring, kind=KIND, key=f"slack-view:{event.id}", now=now,
-                           payload={"case_id": case_id, "view_id": p["view_id"], "view": view})
-        if ephemeral and channel_id:
-            outbox.enqueue(session, keyring, kind=KIND, key=f"slack-ephemeral:{event.id}", now=now,
-                           payload={"case_id": case_id, "channel": channel_id, "user": user, "text": ephemeral})
-        event.payload = {k: v for k, v in p.items() if k not in ("code_enc", "reason_enc")}
+            text = self._text(case_id, outcome="refused", message=f"case {case_id} was not found.")
+        self._tell(session, event, p, text)
 
-    def _outcome(self, session: Session, case: Case, *, approve: bool, channel_id: str) -> dict:
+    def give_up(self, session: Session, event: InboxEvent) -> None:
+        """The submission failed for the last time (recovery.inbox): tell the approver that nothing was
+        recorded, so they do not wait on "recording…", and drop the sealed code and reason."""
+        p = dict(event.payload)
+        self._tell(session, event, p, self._text(p.get("case_id"), outcome="failed",
+                                                 retry="approve" if p.get("decision") == "approve" else "deny"))
+
+    def _tell(self, session: Session, event: InboxEvent, p: dict, text: str) -> None:
+        if p.get("channel_id") and p.get("user"):
+            outbox.enqueue(session, self.deps.keyring, kind=KIND, key=f"slack-outcome:{event.id}",
+                           now=self.deps.clock.now(),
+                           payload={"case_id": p.get("case_id"), "channel": p["channel_id"], "user": p["user"],
+                                    "text": text})
+        event.payload = {k: v for k, v in p.items() if k not in SEALED}
+
+    def _decided(self, session: Session, case: Case, *, approve: bool) -> str:
         if not approve:
-            outcome, remaining = "denied", 0
-        elif case.state == State.AWAITING_APPROVAL:
+            return self._text(case.id, outcome="denied")
+        if case.state == State.AWAITING_APPROVAL:
             given = session.scalar(select(func.count(Approval.id)).where(Approval.case_id == case.id,
                                                                          Approval.decision == "approve"))
-            outcome, remaining = "approval_recorded", self.deps.policy.rule(case.risk_level).approvals - given
-        else:
-            outcome, remaining = "approved", 0
-        return views.message_view(self.renderer, approve=approve, block="decided",
-                                  context=dict(case_id=case.id, outcome=outcome, remaining=remaining),
-                                  private_metadata=f"{case.id}|{channel_id}")
+            return self._text(case.id, outcome="approval_recorded",
+                              remaining=self.deps.policy.rule(case.risk_level).approvals - given)
+        return self._text(case.id, outcome="approved")
 
-    def _refused(self, reason: str, *, message: str, state: str = "") -> str:
+    def _text(self, case_id: str | None, **context) -> str:
+        return self.renderer.block(card.TEMPLATE, "decided",
+                                   dict(dict(retry=None, remaining=0, message=""), **context, case_id=case_id))
+
+    def _refusal(self, reason: str, *, message: str, state: str = "") -> str:
         return self.renderer.block(card.TEMPLATE, "refused", dict(reason=reason, state=state, message=message))
-
-    def _final(self, case_id: str, channel_id: str, approve: bool, text: str) -> dict:
-        return views.message_view(self.renderer, approve=approve, block="decided",
-                                  context=dict(case_id=case_id, outcome="refused", message=text),
-                                  private_metadata=f"{case_id}|{channel_id}")
-
-
-class SlackReplySender:
-    """The outbox sender for kind "slack": a view updated in place, or an ephemeral message."""
-
-    def __init__(self, client):
-        self.client = client
-
-    def send(self, message: Outgoing) -> None:
-        p = message.payload
-        try:
-            if "view" in p:
-                self.client.views_update(view_id=p["view_id"], view=p["view"])
-            else:
-                self.client.chat_postEphemeral(channel=p["channel"], user=p["user"], text=p["text"])
-        except SlackApiError as exc:
-            error = exc.response.get("error") if hasattr(exc.response, "get") else None
-            if "view" in p and error == "not_found":
-                # The approver closed the modal before the outcome came: nothing to update. The card (and,
-                # for a refusal, the ephemeral message) says the same.
-                log.info("view of case %s was closed before its outcome was shown", p.get("case_id"))
-                return
-            status = getattr(exc.response, "status_code", 0)
-            if 400 <= status < 500 and status != 429 or error in ("invalid_arguments", "channel_not_found",
-                                                                  "user_not_in_channel", "not_in_channel"):
-                raise PermanentFailure(f"Slack refused {'views.update' if 'view' in p else 'an ephemeral'}: "
-                                       f"{error or status}") from None
-            raise
 
 
 def _dict(value) -> dict:

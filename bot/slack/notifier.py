@@ -144,6 +144,25 @@ class SlackStaffNotifier:
                       .values(slack_file_id=file_id))
 
 
+class ApproverMessages:
+    """The outbox sender for kind "slack": what one approver's submission came to, as an ephemeral message
+    in the card's channel (bot/slack/decisions.py)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def send(self, message: Outgoing) -> None:
+        p = message.payload
+        try:
+            self.client.chat_postEphemeral(channel=p["channel"], user=p["user"], text=p["text"])
+        except SlackApiError as exc:
+            status = getattr(exc.response, "status_code", 0)
+            error = exc.response.get("error") if hasattr(exc.response, "get") else None
+            if 400 <= status < 500 and status != 429 or error in PERMANENT_ERRORS + ("user_not_in_channel",):
+                raise PermanentFailure(f"Slack refused the message to {p['user']}: {error or status}") from None
+            raise
+
+
 def _unclaimed(owner: str) -> tuple:
     return (CaseDocument.slack_file_id.is_(None),
             CaseDocument.slack_claim.is_(None) | (CaseDocument.slack_claim == owner))

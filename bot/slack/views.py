@@ -1,7 +1,5 @@
-"""The modals an approver sees: the decision form, "deciding…" while the worker decides, and the outcome.
-
-Built from the case and the templates alone, so the web process (opening the form, acking a submission)
-and the worker (showing what the decision came to) render the same views.
+"""The modals an approver sees: the decision form, and what answers its submission ("recording…", or why
+a submission we could not have produced was not taken).
 """
 from __future__ import annotations
 
@@ -34,15 +32,12 @@ def _section(text: str) -> dict:
     return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
 
 
-def decision_modal(renderer, deps, case: Case, *, approve: bool, channel_id: str | None, masked: str,
-                   notice: str | None = None) -> dict:
+def decision_modal(renderer, deps, case: Case, *, approve: bool, channel_id: str | None, masked: str) -> dict:
     """The form: what approving or denying does, a step-up field where policy asks for one, a reason for a
-    denial; `notice` says why the form is shown again (a refused code)."""
+    denial."""
     text = renderer.block(card.TEMPLATE, "approve_modal_text" if approve else "deny_modal_text",
                           dict(case=case, masked_email=masked))
     blocks = [_section(text)]
-    if notice:
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f":warning: {notice}"}]})
     if approve and needs_step_up(deps, case):
         blocks.append({"type": "input", "block_id": "totp", "label": {"type": "plain_text",
                        "text": "Code from your own authenticator"},
@@ -60,7 +55,7 @@ def decision_modal(renderer, deps, case: Case, *, approve: bool, channel_id: str
 
 
 def message_view(renderer, *, approve: bool, block: str, context: dict, private_metadata: str = "") -> dict:
-    """A view with no form: "deciding…" or what the decision came to. Nothing is left to submit, so the
+    """A view with no form, rendered from a block of the staff template. Nothing is left to submit, so the
     approver closes it; `private_metadata` keeps the case for anything that reads the view later."""
     return {"type": "modal", "callback_id": "decision_status", "private_metadata": private_metadata,
             "title": _title(approve), "close": {"type": "plain_text", "text": "Close"},
