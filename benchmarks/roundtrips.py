@@ -17,7 +17,7 @@ Paths, each repeated `--repeat` times on fresh conversations or cases and report
   intercom message  signed webhook, the worker's turn (contact lookup first) and the reply's delivery
   slack click       an Approve click: the ack, the case re-read and the modal
   slack decision    the modal's submission (stored, acked with "deciding…"), then the worker's pass: the
-                    decision, the approver's view updated, the card updated
+                    decision, the approver told, the card updated
 See docs/performance.md ("Round trips per message").
 """
 from __future__ import annotations

@@ -644,7 +644,7 @@ def test_replayed_submission_is_harmless(sqlite_url, rig):
 def test_a_submission_is_acked_after_one_insert_and_decided_in_the_worker_in_one_transaction(any_db_url, rig):
     """The web process acks a submission once it is stored: one statement (an INSERT, on PostgreSQL with the
     worker's wake-up in it), one commit, nothing read or decided. The worker then decides it in one transaction together
-    with the submission's processed mark, and queues the outcome for the approver's view."""
+    with the submission's processed mark, and queues the message that tells the approver the outcome."""
     r = rig(any_db_url)
     case_id = awaiting_case(r.c, ALEX)
     body = submission(r.modal(case_id, ALICE), user=ALICE)
