@@ -7,6 +7,7 @@ workers share the queue without processing one event twice.
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime
 from typing import Callable
 
@@ -18,6 +19,13 @@ from recovery.models import InboxEvent
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5
+# A lost connection says nothing about the event being handled (the database restarted), so it uses up
+# no attempt. The same event losing it again and again is the event's doing (say, a statement that
+# crashes its server process): after this many times in a row, the next claim counts an attempt instead
+# of handling it, so such an event is parked like any other failing one rather than retried forever.
+CUT_OFF_LIMIT = 3
+_cut_off: dict[tuple[str, int], int] = {}  # (database, event id) -> lost connections in a row
+_cut_off_lock = threading.Lock()
 
 
 def add(session: Session, *, source: str, delivery_key: str, conversation_key: str, payload: dict,
@@ -108,29 +116,53 @@ def process_one(db, handler: Handler, now_fn) -> bool:
             if event is None:
                 return wanted is not None  # another worker took the peeked event: try the next
             event_id = event.id
+            cut_off = _cut_off_count(db, event_id)
+            if cut_off >= CUT_OFF_LIMIT:
+                _failed(session, event, f"its handling lost the database connection {cut_off} times in a row",
+                        handler)
+                _forget_cut_off(db, event_id)
+                return True
             if prepare is not None:
                 handler(session, event, prepared)
             else:
                 handler(session, event)
             event.processed_at = now_fn()
+        _forget_cut_off(db, event_id)
         return True
     except Exception as exc:  # noqa: BLE001 - a poisoned event must not stop the queue
         if event_id is None or is_outage(exc):
             # The database going away (a restart) says nothing about the event: it was not processed, and
             # must not use up its attempts; the worker's pass fails and is retried shortly. An error of the
             # event's own making (a statement timeout, a deadlock) still counts as an attempt.
+            if event_id is not None:
+                with _cut_off_lock:
+                    _cut_off[(db.url, event_id)] = _cut_off.get((db.url, event_id), 0) + 1
             raise
         log.exception("inbox event %s failed", event_id)
-        give_up = getattr(handler, "give_up", None)
         with db.transaction() as session:
-            event = session.get(InboxEvent, event_id)
-            event.attempts += 1
-            event.last_error = f"{type(exc).__name__}: {exc}"[:2000]
-            if event.attempts >= MAX_ATTEMPTS and give_up is not None:
-                # The last try: whoever sent it is told that nothing came of it (a Slack approver).
-                try:
-                    with session.begin_nested():
-                        give_up(session, event)
-                except Exception:  # noqa: BLE001 - the attempt must be counted all the same
-                    log.exception("inbox event %s: giving up failed too", event_id)
+            _failed(session, session.get(InboxEvent, event_id), f"{type(exc).__name__}: {exc}", handler)
         return True
+
+
+def _failed(session: Session, event: InboxEvent, error: str, handler) -> None:
+    """Count a failed attempt; on the last one, whoever sent the event is told that nothing came of it
+    (the handler's `give_up`: a Slack approver)."""
+    event.attempts += 1
+    event.last_error = error[:2000]
+    give_up = getattr(handler, "give_up", None)
+    if event.attempts >= MAX_ATTEMPTS and give_up is not None:
+        try:
+            with session.begin_nested():
+                give_up(session, event)
+        except Exception:  # noqa: BLE001 - the attempt must be counted all the same
+            log.exception("inbox event %s: giving up failed too", event.id)
+
+
+def _cut_off_count(db, event_id: int) -> int:
+    with _cut_off_lock:
+        return _cut_off.get((db.url, event_id), 0)
+
+
+def _forget_cut_off(db, event_id: int) -> None:
+    with _cut_off_lock:
+        _cut_off.pop((db.url, event_id), None)

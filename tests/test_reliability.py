@@ -510,3 +510,68 @@ def test_db_upgrade_is_idempotent(empty_db_url):
     assert second.exit_code == 0, second.output
     assert second.output == first.output
     assert dbmod.current_revision(empty_db_url) == revision
+
+
+def test_an_event_that_keeps_losing_its_database_connection_is_parked_not_retried_forever(make_container, pg_url):
+    """Losing the connection while an event is handled uses up no attempt: a database restart says nothing
+    about the event. An event whose handling loses it every time (here it ends its own server process)
+    counts an attempt every third time instead, so it is parked after its five like any failing event, and
+    the queue moves on to the next."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from recovery import inbox
+    from recovery.models import InboxEvent
+
+    c = make_container(pg_url)
+    with c.db.transaction() as s:
+        for key, conversation in (("k-crash", "conv-a"), ("k-fine", "conv-b")):
+            inbox.add(s, source="test", delivery_key=key, conversation_key=conversation, payload={},
+                      now=c.clock.now())
+    handled = []
+
+    def handler(session, event):
+        if event.delivery_key == "k-crash":
+            session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        handled.append(event.delivery_key)
+
+    lost, calls = 0, 0
+    while calls < 40:
+        calls += 1
+        try:
+            if not inbox.process_one(c.db, handler, c.clock.now):
+                break
+        except OperationalError:
+            lost += 1
+    assert handled == ["k-fine"] and lost == inbox.MAX_ATTEMPTS * inbox.CUT_OFF_LIMIT, (handled, lost, calls)
+    with c.db.transaction() as s:
+        crash = s.scalar(select(InboxEvent).where(InboxEvent.delivery_key == "k-crash"))
+        assert crash.processed_at is None and crash.attempts == inbox.MAX_ATTEMPTS
+        assert "lost the database connection 3 times in a row" in crash.last_error
+
+
+def test_one_lost_connection_uses_up_no_attempt(make_container, pg_url):
+    """The other side of the limit above: an event cut off once (a restart) is handled on the next try, with
+    all its attempts left and nothing recorded against it."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from recovery import inbox
+    from recovery.models import InboxEvent
+
+    c = make_container(pg_url)
+    with c.db.transaction() as s:
+        inbox.add(s, source="test", delivery_key="k-once", conversation_key="conv-a", payload={}, now=c.clock.now())
+    tries = []
+
+    def handler(session, event):
+        tries.append(event.id)
+        if len(tries) == 1:
+            session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+    with pytest.raises(OperationalError):
+        inbox.process_one(c.db, handler, c.clock.now)
+    assert inbox.process_one(c.db, handler, c.clock.now)
+    with c.db.transaction() as s:
+        event = s.scalar(select(InboxEvent).where(InboxEvent.delivery_key == "k-once"))
+        assert event.processed_at is not None and event.attempts == 0 and event.last_error is None
