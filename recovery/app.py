@@ -15,7 +15,7 @@ from recovery.deps import Deps
 from recovery.errors import ApprovalRefused, DirectoryError, TotpError, WrongPassword
 from recovery.links import LinkService
 from recovery.machine import State
-from recovery.models import Attempt, Case
+from recovery.models import Approver, Attempt, Case
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,12 @@ def decide_within(svc: LinkService, case_id: str, *, approver: str, decision: st
                   step_up_code: str | None = None, channel: str, step_up_at=None) -> Case:
     """One approver's decision in the caller's transaction (the worker deciding a stored Slack submission,
     so the decision and the event's "processed" mark commit together). The decision runs in a savepoint:
-    a refusal rolls back whatever it had begun, is recorded in the same transaction, and is raised."""
+    a refusal rolls back whatever it had begun, is recorded in the same transaction, and is raised.
+
+    The approver's row is locked first, outside the savepoint: rolling back to a savepoint releases the
+    locks taken inside it, and two workers deciding for one approver must see each other's wrong step-up
+    codes, or the limit on them would not hold."""
+    svc.s.get(Approver, approver, with_for_update=True)
     try:
         with svc.s.begin_nested():
             return svc.decide(case_id, approver=approver, decision=decision, reason=reason,

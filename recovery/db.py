@@ -69,6 +69,9 @@ def insert_new(session_or_dialect, model, unique):
 
 
 def make_engine(url: str, **kwargs) -> Engine:
+    # A failing statement's error names its bound values unless told not to, and errors are logged and
+    # kept (an inbox event's last_error): a denial's reason or a sealed value would be at rest in the clear.
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and ":memory:" not in url:
             Path(url[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ def process_one(db, handler: Handler, now_fn) -> bool:
             wanted, source, payload = peek.id, peek.source, dict(peek.payload)
         prepared = prepare(source, payload)
     query = _eligible() if wanted is None else select(InboxEvent).where(
-        InboxEvent.id == wanted, InboxEvent.processed_at.is_(None))
+        InboxEvent.id == wanted, InboxEvent.processed_at.is_(None), InboxEvent.attempts < MAX_ATTEMPTS)
     if db.is_postgres:
         query = query.with_for_update(skip_locked=True, of=InboxEvent)
     event_id = None

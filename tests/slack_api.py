@@ -29,6 +29,7 @@ class FakeSlack:
         self.uploads: dict[str, bytes] = {}  # file id -> the bytes POSTed to its upload_url
         self.gates: dict[str, threading.Event] = {}  # method -> answered only once the event is set
         self.users: dict[str, str] = {}  # email -> user id, for users.lookupByEmail
+        self.refuse: dict[str, str] = {}  # method -> Slack error for its calls ({"ok": false}, HTTP 200)
         self._ts = 1700000000
         self._files = 0
         fake = self
@@ -91,6 +92,8 @@ class FakeSlack:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def answer(self, method: str, args: dict) -> dict:
+        if method in self.refuse:
+            return {"ok": False, "error": self.refuse[method]}
         if method == "auth.test":
             return {"ok": True, "team_id": TEAM, "user_id": "UBOT", "bot_id": "BBOT"}
         if method == "chat.postMessage":
@@ -164,16 +167,15 @@ def button_click(action_id: str, *, case_id: str, channel: str, message_ts: str,
                      "action_ts": str(time.time())}]})
 
 
-def submission(view: dict, *, user: str, team: str = TEAM, values: dict | None = None,
-               view_id: str | None = None) -> str:
+def submission(view: dict, *, user: str, team: str = TEAM, values: dict | None = None) -> str:
     """A view_submission of `view` (as we sent it to views.open). Slack gives each opened view an id and
-    each of its versions a new hash, so every call here is a distinct submission unless `view_id` and the
-    body are repeated on purpose."""
+    each of its versions a new hash, so every call here is a distinct submission; send the same body
+    twice for a replay."""
     return interaction({
         "type": "view_submission", "team": {"id": team, "domain": "x"},
         "user": {"id": user, "username": user, "team_id": team}, "api_app_id": "A1", "token": "legacy",
         "trigger_id": "trig-2",
-        "view": {"id": view_id or view.get("id") or f"V{uuid.uuid4().hex[:10].upper()}", "type": "modal",
+        "view": {"id": view.get("id") or f"V{uuid.uuid4().hex[:10].upper()}", "type": "modal",
                  "callback_id": view["callback_id"], "private_metadata": view["private_metadata"],
                  "blocks": view["blocks"], "state": {"values": values or {}}, "hash": uuid.uuid4().hex[:12],
                  "title": view["title"]}})

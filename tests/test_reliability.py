@@ -575,3 +575,32 @@ def test_one_lost_connection_uses_up_no_attempt(make_container, pg_url):
     with c.db.transaction() as s:
         event = s.scalar(select(InboxEvent).where(InboxEvent.delivery_key == "k-once"))
         assert event.processed_at is not None and event.attempts == 0 and event.last_error is None
+
+
+def test_an_event_given_up_between_its_peek_and_its_claim_is_not_handled(make_container, sqlite_url):
+    """With a `prepare` step the event is peeked, prepared with no transaction open, then claimed by id. If
+    another worker gives the event up in between (its last attempt failed), the claim must leave it alone:
+    whoever sent it has been told that nothing came of it."""
+    from sqlalchemy import update
+
+    from recovery import inbox
+    from recovery.models import InboxEvent
+
+    c = make_container(sqlite_url)
+    with c.db.transaction() as s:
+        inbox.add(s, source="test", delivery_key="k-raced", conversation_key="conv-a", payload={}, now=c.clock.now())
+    handled = []
+
+    def handler(session, event, prepared=None):
+        handled.append(event.delivery_key)
+
+    def prepare(source, payload):  # meanwhile, another worker's last attempt fails and gives the event up
+        with c.db.transaction() as s:
+            s.execute(update(InboxEvent).values(attempts=inbox.MAX_ATTEMPTS, last_error="failed elsewhere"))
+
+    handler.prepare = prepare
+    inbox.process_one(c.db, handler, c.clock.now)
+    assert handled == []
+    with c.db.transaction() as s:
+        event = s.scalar(select(InboxEvent))
+        assert event.processed_at is None and event.attempts == inbox.MAX_ATTEMPTS

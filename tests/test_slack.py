@@ -45,7 +45,7 @@ ALICE, BOB, CAROL, MALLORY = "UALICE", "UBOB", "UCAROL", "UMALLORY"   # CAROL is
 OTHER_TEAM = "T0ELSEWHERE"
 # statements for a submission: the web process's ack, and the worker's decision (as measured when set)
 WEB_SUBMISSION = {"sqlite": 1, "postgresql": 1}
-WORKER_DECISION = {"sqlite": 17, "postgresql": 16}
+WORKER_DECISION = {"sqlite": 18, "postgresql": 17}
 INTERCOM_URL = "https://app.intercom.com/a/inbox/w0rk5p4c3/inbox/conversation/{id}"
 
 
@@ -779,6 +779,21 @@ def test_a_worker_in_another_process_is_woken_by_the_submission_itself_on_postgr
         runner.join(10)
     assert told["user"] == ALICE and "` is approved" in told["text"] and took < 5
     assert get_case(r.c, case_id).state in ("approved", "link_sent")
+
+
+def test_an_approver_who_left_the_channel_is_told_directly(sqlite_url, rig):
+    """Slack shows an ephemeral message only to a member of the channel: when it answers that the approver
+    is not in it, what their submission came to goes to them directly, in the app's messages."""
+    r = rig(sqlite_url)
+    case_id = awaiting_case(r.c, ALEX)
+    view = r.modal(case_id, ALICE)
+    r.fake.refuse["chat.postEphemeral"] = "user_not_in_channel"
+    assert r.post(submission(view, user=ALICE)).status_code == 200
+    r.decide()
+    direct = [m for m in r.fake.named("chat.postMessage") if m["channel"] == ALICE]
+    assert len(direct) == 1 and "` is approved" in direct[0]["text"]
+    with r.c.db.transaction() as s:
+        assert s.scalars(select(OutboxMessage.status).where(OutboxMessage.kind == "slack")).all() == ["sent"]
 
 
 def test_fifty_pairs_of_concurrent_approvals_make_one_decision_each_on_postgres(pg_url, rig):

@@ -167,7 +167,7 @@ class Approvals:
         if errors and all(field in values for field in errors):
             ack(response_action="errors", errors=errors)
             return
-        stored = self.decisions.store(self.c.db, body=body, view=view, case_id=case_id, channel_id=channel_id,
+        stored = self.decisions.store(self.c.db, view=view, case_id=case_id, channel_id=channel_id,
                                       user=_user_id(body), approve=approve, values=values, now=self.c.clock.now())
         self.c.metrics.inbox("slack", "stored" if stored else "duplicate")
         self.c.worker.wake()  # `recoverybot serve`: the worker in this process; others hear a NOTIFY

@@ -11,8 +11,9 @@ card's channel, next to the card, which is updated for everyone as before.
 The outcome is not shown by updating the modal: the worker can be quicker than Slack applying our
 answer to the submission, and Slack would then put "recording…" back over the outcome for good.
 
-Nothing about who may decide is settled in the web process that the worker does not check again: the
-worker's `decide` re-reads the case under a row lock and applies every rule.
+The web process settles only that the request comes from our workspace (and enterprise) and from a
+listed approver, and stores nothing otherwise; the worker's `decide` checks the approver list again,
+re-reads the case under a row lock and applies every other rule.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class Decisions:
             return {"totp": "Enter the 6-digit code your own authenticator shows now."}
         return None
 
-    def store(self, db, *, body: dict, view: dict, case_id: str, channel_id: str, user: str, approve: bool,
+    def store(self, db, *, view: dict, case_id: str, channel_id: str, user: str, approve: bool,
               values: dict, now) -> bool:
         """Store the submission; False when this very submission is stored already (a replay: Slack signs
         the same body again only if it was sent again).
@@ -85,7 +86,6 @@ class Decisions:
             # one queue per case, so two approvers' submissions are decided in the order they arrived
             conversation_key=f"slack:{case_id}", now=now,
             payload={"case_id": case_id, "channel_id": channel_id, "user": user,
-                     "team": _dict(body.get("team")).get("id"), "view_id": view.get("id"),
                      "decision": "approve" if approve else "deny",
                      # sealed, and dropped once decided
                      "code_enc": keyring.encrypt(code) if code else None,

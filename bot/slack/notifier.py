@@ -145,8 +145,11 @@ class SlackStaffNotifier:
 
 
 class ApproverMessages:
-    """The outbox sender for kind "slack": what one approver's submission came to, as an ephemeral message
-    in the card's channel (bot/slack/decisions.py)."""
+    """The outbox sender for kind "slack": what one approver's submission came to (bot/slack/decisions.py),
+    as an ephemeral message in the card's channel, next to the card. Where Slack cannot show it there (the
+    approver is not, or no longer, in that channel), it goes to them directly, in the app's messages."""
+
+    NOT_THERE = ("user_not_in_channel", "channel_not_found", "not_in_channel", "is_archived")
 
     def __init__(self, client):
         self.client = client
@@ -154,13 +157,21 @@ class ApproverMessages:
     def send(self, message: Outgoing) -> None:
         p = message.payload
         try:
-            self.client.chat_postEphemeral(channel=p["channel"], user=p["user"], text=p["text"])
+            try:
+                self.client.chat_postEphemeral(channel=p["channel"], user=p["user"], text=p["text"])
+            except SlackApiError as exc:
+                if _error(exc) not in self.NOT_THERE:
+                    raise
+                self.client.chat_postMessage(channel=p["user"], text=p["text"])
         except SlackApiError as exc:
-            status = getattr(exc.response, "status_code", 0)
-            error = exc.response.get("error") if hasattr(exc.response, "get") else None
-            if 400 <= status < 500 and status != 429 or error in PERMANENT_ERRORS + ("user_not_in_channel",):
+            status, error = getattr(exc.response, "status_code", 0), _error(exc)
+            if 400 <= status < 500 and status != 429 or error in PERMANENT_ERRORS:
                 raise PermanentFailure(f"Slack refused the message to {p['user']}: {error or status}") from None
             raise
+
+
+def _error(exc: SlackApiError) -> str | None:
+    return exc.response.get("error") if hasattr(exc.response, "get") else None
 
 
 def _unclaimed(owner: str) -> tuple:
