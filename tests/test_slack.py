@@ -796,6 +796,30 @@ def test_an_approver_who_left_the_channel_is_told_directly(sqlite_url, rig):
         assert s.scalars(select(OutboxMessage.status).where(OutboxMessage.kind == "slack")).all() == ["sent"]
 
 
+def test_slack_errors_that_retrying_cannot_fix_park_the_message_and_others_are_retried(sqlite_url, rig):
+    """The card's channel gone (`channel_not_found`) parks the card's message as dead after one try, for an
+    operator to see; an error Slack may not repeat (`internal_error`) leaves an approver's message to be
+    tried again."""
+    r = rig(sqlite_url)
+    r.fake.refuse["chat.postMessage"] = "channel_not_found"
+    case_id = awaiting_case(r.c, ALEX)
+    with r.c.db.transaction() as s:
+        card = s.scalars(select(OutboxMessage).where(OutboxMessage.case_id == case_id,
+                                                     OutboxMessage.kind == "staff")).all()
+        assert [(m.status, m.attempts) for m in card][:1] == [("dead", 1)] and "channel_not_found" in card[0].last_error
+    del r.fake.refuse["chat.postMessage"]
+    with r.c.db.transaction() as s:  # the card as if it had been posted, so the approver can click it
+        s.add(SlackCard(case_id=case_id, channel=CHANNEL, message_ts="1700000999.000100", posted_at=r.c.clock.now(),
+                        updated_at=r.c.clock.now()))
+    view = r.modal(case_id, ALICE)
+    r.fake.refuse["chat.postEphemeral"] = "internal_error"
+    assert r.post(submission(view, user=ALICE)).status_code == 200
+    r.decide()
+    with r.c.db.transaction() as s:
+        (told,) = s.scalars(select(OutboxMessage).where(OutboxMessage.kind == "slack")).all()
+        assert (told.status, told.attempts) == ("pending", 1) and "internal_error" in told.last_error
+
+
 def test_fifty_pairs_of_concurrent_approvals_make_one_decision_each_on_postgres(pg_url, rig):
     """Fifty cases each get two approve submissions at the same moment (two approvers, or one approver's
     double click); each case gets exactly one decision and, once the worker drains, one card update."""

@@ -41,11 +41,7 @@ class SlackStaffNotifier:
         try:
             self._send(p["case_id"], p["event"], p.get("context", {}), owner=f"outbox:{message.id}")
         except SlackApiError as exc:
-            status = getattr(exc.response, "status_code", 0)
-            error = exc.response.get("error") if hasattr(exc.response, "get") else None
-            if 400 <= status < 500 and status != 429 or error in PERMANENT_ERRORS:
-                raise PermanentFailure(f"Slack refused {p['event']}: {error or status}") from None
-            raise
+            _raise_refusal(exc, p["event"])
 
     def _send(self, case_id: str, event: str, context: dict, *, owner: str) -> None:
         with self.db.transaction() as s:
@@ -164,14 +160,20 @@ class ApproverMessages:
                     raise
                 self.client.chat_postMessage(channel=p["user"], text=p["text"])
         except SlackApiError as exc:
-            status, error = getattr(exc.response, "status_code", 0), _error(exc)
-            if 400 <= status < 500 and status != 429 or error in PERMANENT_ERRORS:
-                raise PermanentFailure(f"Slack refused the message to {p['user']}: {error or status}") from None
-            raise
+            _raise_refusal(exc, f"the message to {p['user']}")
 
 
 def _error(exc: SlackApiError) -> str | None:
     return exc.response.get("error") if hasattr(exc.response, "get") else None
+
+
+def _raise_refusal(exc: SlackApiError, what: str) -> None:
+    """Re-raise a failed Slack call for the outbox: as PermanentFailure when trying again cannot help (a
+    4xx other than 429, or a permanent error code), so the message is parked; as itself otherwise."""
+    status, error = getattr(exc.response, "status_code", 0), _error(exc)
+    if 400 <= status < 500 and status != 429 or error in PERMANENT_ERRORS:
+        raise PermanentFailure(f"Slack refused {what}: {error or status}") from None
+    raise exc
 
 
 def _unclaimed(owner: str) -> tuple:
