@@ -106,15 +106,15 @@ def start_server(folder: str, env: dict, port: int) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("recoverybot")
     proc = subprocess.Popen([str(exe), "serve", "--no-demo"], env=env, cwd=folder,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
-                return proc
-        except requests.RequestException:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("recoverybot serve did not come up within 60 s")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.helpers import wait_until_answers
+
+    try:
+        wait_until_answers(f"http://127.0.0.1:{port}/healthz", timeout=60, process=proc)
+    except AssertionError as exc:
+        proc.kill()
+        raise SystemExit(f"recoverybot serve did not come up: {exc}") from None
+    return proc
 
 
 def wait_reply(base: str, session_id: str, after: int, poll: float, timeout: float = 30.0) -> tuple[float, int, str]:

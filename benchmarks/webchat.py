@@ -43,11 +43,15 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import requests
 from sqlalchemy import create_engine, func, select, text, update
 
 from common import CLK_TCK, process_cpu_seconds  # benchmarks/ is on the path when run as a script
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.helpers import wait_until_answers  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SECRET = "bench-secret-key-0123456789-abcdefghijklmnop"
@@ -172,7 +176,7 @@ class Server:
             self.stop()
             raise RuntimeError("the server process did not start within 60 s")
         _, self.idle_sleep = self.pipe.recv()
-        wait_http(self.url + "/healthz")
+        wait_until_answers(self.url + "/healthz", timeout=30, interval=0.05)
         if worker_mode == "process":
             self.worker_pipe, child = self.ctx.Pipe()
             self.worker_proc = self.ctx.Process(
@@ -220,18 +224,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
 # ---- databases ----------------------------------------------------------------------------------------
@@ -623,6 +615,16 @@ def warm_up(base: str, message: str) -> None:
             post_message(http, base, chat, message)
             http.get(f"{base}/chat/api/sessions/{chat['id']}/messages", params={"after": 0},
                      timeout=REQUEST_TIMEOUT).raise_for_status()
+
+
+def noise_note(*busy_fractions: float) -> str | None:
+    """A line for the report when other processes kept the machine busy before a measurement
+    (`machine_busy` samples), since the figures then include that load; None when the machine was quiet."""
+    noise = max(busy_fractions) * (os.cpu_count() or 1)
+    if noise <= 0.25:
+        return None
+    return (f"NOTE: before a measurement, other processes kept {noise:.2f} cores busy (a shared machine); "
+            "the figures include that noise.")
 
 
 def machine_busy(seconds: float = 1.0) -> float:

@@ -22,6 +22,7 @@ import psycopg
 import requests
 
 from tests.conftest import SECRET, free_port
+from tests.helpers import wait_until_answers
 
 BIN = Path(sys.executable).parent / "recoverybot"
 OPENING = "I lost my authenticator"
@@ -128,16 +129,8 @@ class Processes:
         return proc
 
     def _wait_web(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.web.poll() is None, f"web exited: {(self.logs / 'web.log').read_text()}"
-            try:
-                if requests.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("the web process did not come up")
+        wait_until_answers(f"{self.base}/healthz", timeout=timeout, process=self.web,
+                           output=lambda: (self.logs / "web.log").read_text())
 
     def stop(self) -> None:
         for proc in [self.web, *self.workers]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import email
 import json
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from email.policy import default as default_policy
@@ -92,3 +93,22 @@ def awaiting_case(c, address: str, *, opened_by: str = "customer", conversation_
     case_id = open_case(c, address, opened_by=opened_by, conversation_key=conversation_key)
     pass_checks(c, case_id)
     return case_id
+
+
+def wait_until_answers(url: str, *, timeout: float, process=None, output=lambda: "", interval: float = 0.1) -> None:
+    """Wait for a process that is starting up: poll `url` until it answers 200. Raises AssertionError at
+    once, with `output()`, when `process` (a Popen) has exited, and naming the URL when `timeout` seconds
+    pass first. Shared by the tests and the benchmarks that start `recoverybot` processes."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process serving {url} exited: {output()}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(interval)
+    raise AssertionError(f"{url} did not answer 200 within {timeout:.0f} s")

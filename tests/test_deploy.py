@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 import zipfile
 from importlib import metadata
@@ -30,6 +29,7 @@ from packaging.utils import canonicalize_name
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ChatClient, code_in, free_port, link_in
+from tests.helpers import wait_until_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -135,15 +135,7 @@ def recovered(installed, tmp_path_factory):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
+        wait_until_answers(f"{base}/readyz", timeout=60, process=proc, output=proc.stdout.read, interval=0.2)
         mail = home / "var" / "mail"
         chat = ChatClient(base)
         assert "email address" in chat.ask("I lost my authenticator")
