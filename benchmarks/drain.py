@@ -36,7 +36,8 @@ import time
 from sqlalchemy import create_engine, func, select, text, update
 
 # benchmarks/ is on the path when run as a script
-from webchat import PG_ADMIN_URL, QUESTION, SECRET, CpuMeter, db_version, machine_busy, scratch_database
+from webchat import (PG_ADMIN_URL, QUESTION, SECRET, CpuMeter, db_version, machine_busy, noise_note,
+                     scratch_database)
 
 RECOVERYBOT = os.path.join(os.path.dirname(sys.executable), "recoverybot")
 START_TIMEOUT = 60.0   # seconds for the workers to write their first heartbeat
@@ -239,10 +240,9 @@ def render(results: list[dict], args, version: str) -> str:
         top = sorted(r["backends"].items(), key=lambda kv: -kv[1])[:6]
         lines.append(f"- {r['workers']} worker(s): "
                      + "; ".join(f"{what} {n / total:.0%}" for what, n in top))
-    noise = max(r["busy_before"] for r in results) * (os.cpu_count() or 1)
-    if noise > 0.25:
-        lines.append(f"NOTE: before a measurement, other processes kept {noise:.2f} cores busy (a shared "
-                     "machine); the figures include that noise.")
+    note = noise_note(*(r["busy_before"] for r in results))
+    if note:
+        lines.append(note)
     return "\n".join(lines)
 
 

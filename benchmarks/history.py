@@ -38,7 +38,7 @@ from sqlalchemy.dialects import postgresql
 
 # benchmarks/ is on the path when run as a script
 from history_seed import TABLES, counts, seed
-from webchat import (PG_ADMIN_URL, QUESTION, Server, db_version, machine_busy, phase_e2e, probe_replies,
+from webchat import (PG_ADMIN_URL, QUESTION, Server, db_version, machine_busy, noise_note, phase_e2e, probe_replies,
                      scratch_database)
 
 
@@ -159,10 +159,9 @@ def render(res: dict, args) -> str:
              f"ratio {args.rows:,} ÷ {args.base_rows:,}: p50 {l.p50_ms / s.p50_ms:.2f}, "
              f"p99 {l.p99_ms / s.p99_ms:.2f}, throughput {l.per_s / s.per_s:.2f} (target: p50 at most 1.2)",
              "rows at the end: " + ", ".join(f"{t} {n:,}" for t, n in res["sizes"].items())]
-    noise = max(res["small"]["busy_before"], res["large"]["busy_before"]) * (os.cpu_count() or 1)
-    if noise > 0.25:
-        lines.append(f"NOTE: before a measurement, other processes kept {noise:.2f} cores busy (a shared "
-                     "machine); the figures include that noise.")
+    note = noise_note(res["small"]["busy_before"], res["large"]["busy_before"])
+    if note:
+        lines.append(note)
     lines.append("")
     lines.append(f"Claims at {args.rows:,} rows, EXPLAIN ANALYZE (custom plan; generic plan time in brackets):")
     for name, plan in res["plans"].items():
