@@ -3,7 +3,8 @@
 
     .venv/bin/python benchmarks/slack_ack.py [--clicks 50] [--rounds 6] [--api-latency 0.2]
                                              [--serve gunicorn|werkzeug] [--processes 2] [--threads 8]
-                                             [--pg-admin-url URL] [--json FILE]
+                                             [--phases all|clicks|submissions] [--bare-acks-in-request]
+                                             [--worker during|after] [--pg-admin-url URL] [--json FILE]
 
 Slack gives an app 3 seconds to acknowledge a click, and a modal can only be opened with the click's
 trigger_id within those 3 seconds. This measures, on PostgreSQL, against two apps served the same way
@@ -11,14 +12,20 @@ trigger_id within those 3 seconds. This measures, on PostgreSQL, against two app
 each process building its own app; --serve werkzeug: one threaded werkzeug process), with the same
 signing secret and the same signed request bodies:
 
-  bare  a slack-bolt App whose listeners only call ack(), behind the same Flask adapter;
+  bare  a slack-bolt App whose listeners only call ack(), behind the same Flask adapter; Bolt's defaults,
+        or with --bare-acks-in-request acking in the request's thread as ours does;
   ours  the product: bot.wiring.build + bot.web.create_app, with Slack pointed at a local fake Slack Web
-        API (tests/slack_api.py) in this process.
+        API (tests/slack_api.py) in a process of its own, as real Slack is elsewhere.
+
+Each app first gets full bursts until every gunicorn process has served some (imports, templates and
+connections are paid on a process's first requests); these are not measured. In the click phases the
+two apps take turns burst by burst.
 
 Phases, each `rounds` bursts of `clicks` requests released together by a barrier:
   click ack        Approve clicks (block_actions) on the cards of `clicks` awaiting cases; latency is
                    request sent -> HTTP response (the ack). Ours acks first, then re-reads the case and
-                   calls views.open; "click -> views.open" is when the fake Slack received that call.
+                   calls views.open; "click -> views.open" is when the fake Slack received that call
+                   (it must come within the trigger_id's 3 s).
                    Run twice: the fake API answering at once, and after --api-latency seconds (real Slack
                    answers in about 0.1-0.3 s), since a slow API ties up the listener threads.
   submission       Approve-modal submissions (view_submission), each on its own low-risk case. Ours stores
@@ -32,6 +39,7 @@ See docs/performance.md ("Slack approvals") for figures and caveats.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import multiprocessing as mp
@@ -70,6 +78,59 @@ class SlowSlack(FakeSlack):
         return super().answer(method, args)
 
 
+def fake_slack_main(conn) -> None:
+    """Serve a SlowSlack in its own process, taking orders over `conn` until told to close."""
+    fake = SlowSlack()
+    conn.send(fake.url)
+    while True:
+        order, arg = conn.recv()
+        if order == "latency":
+            fake.latency = arg
+            conn.send(None)
+        elif order == "named":
+            conn.send(fake.named(arg))
+        else:
+            fake.close()
+            conn.send(None)
+            return
+
+
+class RemoteSlack:
+    """The fake Slack in a process of its own, as the real one is on other machines: in this process its
+    request threads would share the interpreter with the client threads whose clocks time the acks, and
+    only our app calls it, so only our app's acks would be timed late for it."""
+
+    def __init__(self):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=fake_slack_main, args=(child,), daemon=True)
+        self.proc.start()
+        if not self.conn.poll(60):
+            self.proc.kill()
+            raise RuntimeError("the fake Slack did not start")
+        self.url = self.conn.recv()
+        self.lock = threading.Lock()
+
+    def _ask(self, order: str, arg=None):
+        with self.lock:
+            self.conn.send((order, arg))
+            return self.conn.recv()
+
+    def set_latency(self, seconds: float) -> None:
+        self._ask("latency", seconds)
+
+    def named(self, method: str) -> list[dict]:
+        return self._ask("named", method)
+
+    def close(self) -> None:
+        try:
+            self._ask("close")
+        finally:
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.kill()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,14 +146,14 @@ def settings(db_url: str, slack_url: str, workdir: str, port: int) -> dict:
 
 # ---- the two servers (child processes) ------------------------------------------------------------------
 
-def bare_app(slack_url: str):
+def bare_app(slack_url: str, in_request: bool = False):
     from flask import Flask, request
     from slack_bolt import App
     from slack_bolt.adapter.flask import SlackRequestHandler
     from slack_sdk import WebClient
 
     bolt = App(client=WebClient(token="xoxb-bench", base_url=slack_url), signing_secret=SIGNING_SECRET,
-               token_verification_enabled=False, ssl_check_enabled=False)
+               token_verification_enabled=False, ssl_check_enabled=False, process_before_response=in_request)
     bolt.action("approve_case")(lambda ack: ack())
     bolt.view("approve_modal")(lambda ack: ack())
     flask = Flask("bare")
@@ -102,11 +163,14 @@ def bare_app(slack_url: str):
 
 
 def ours_app(conf: dict):
+    from bot.startup import freeze_heap
     from bot.web import create_app
     from bot.wiring import build
     from recovery.config import load_settings
 
-    return create_app(build(load_settings(**conf)))  # the web process; no worker, like `recoverybot web`
+    app = create_app(build(load_settings(**conf)))  # the web process; no worker, like `recoverybot web`
+    freeze_heap()
+    return app
 
 
 def server_main(kind: str, conf: dict, port: int, ready, serve: dict) -> None:
@@ -116,7 +180,7 @@ def server_main(kind: str, conf: dict, port: int, ready, serve: dict) -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     def factory():
-        return bare_app(conf["SLACK_API_URL"]) if kind == "bare" else ours_app(conf)
+        return bare_app(conf["SLACK_API_URL"], serve["bare_in_request"]) if kind == "bare" else ours_app(conf)
 
     if serve["mode"] == "werkzeug":
         from werkzeug.serving import make_server
@@ -148,10 +212,12 @@ def worker_main(conf: dict, ready, nice: int = 0) -> None:
     if nice:
         os.nice(nice)
     logging.basicConfig(level=logging.WARNING, format="worker: %(levelname)s %(name)s: %(message)s")
+    from bot.startup import freeze_heap
     from bot.wiring import build
     from recovery.config import load_settings
 
     c = build(load_settings(**conf))
+    freeze_heap()
     ready.set()
     c.worker.run_forever()
 
@@ -231,10 +297,17 @@ def burst(url: str, bodies: list[str]) -> list[tuple[float, float, int]]:
         out[i] = (sent, time.monotonic(), status)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # This process's own garbage collection would stop every clock in the burst at once: the set-up
+    # leaves a large heap here, and one full collection held 50 requests' times up by 0.3 to 1 s.
+    gc.collect()
+    gc.disable()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        gc.enable()
     return out
 
 
@@ -249,32 +322,37 @@ def row(name: str, app: str, seconds: list[float], errors: int = 0) -> dict:
             "over_3s": sum(s > SLACK_LIMIT for s in seconds)}
 
 
-def click_phase(name: str, servers: dict, fake: SlowSlack, card_of: dict, rounds: int, rows: list) -> None:
-    for app, server in servers.items():
-        acks, opened, errors = [], [], 0
-        for r in range(rounds):
+def click_phase(name: str, servers: dict, fake: RemoteSlack, card_of: dict, rounds: int, rows: list) -> None:
+    """`rounds` bursts per app, the apps taking turns burst by burst, so that a change in what else the
+    machine is doing falls on both."""
+    acks = {app: [] for app in servers}
+    worst = {app: [] for app in servers}  # each burst's slowest ack, to tell one bad burst from a trend
+    opened, errors = [], {app: 0 for app in servers}
+    for r in range(rounds):
+        for app, server in servers.items():
             triggers = {case_id: f"trig-{app}-{r}-{uuid.uuid4().hex[:8]}" for case_id in card_of}
             bodies = [button_click("approve_case", case_id=case_id, channel=ch, message_ts=ts, user=APPROVER,
                                    trigger=triggers[case_id]) for case_id, (ch, ts) in card_of.items()]
             results = burst(server.url, bodies)
-            acks += [done - sent for sent, done, _ in results]
-            errors += sum(status != 200 for _, _, status in results)
-            if app == "ours":
+            acks[app] += [done - sent for sent, done, _ in results]
+            worst[app].append(round(max(done - sent for sent, done, _ in results) * 1000, 1))
+            errors[app] += sum(status != 200 for _, _, status in results)
+            if app == "ours":  # the modals opened before the next burst, so they do not overlap it
                 sent_at = {triggers[case_id]: results[i][0] for i, case_id in enumerate(card_of)}
-                deadline = time.monotonic() + 10
+                deadline, seen = time.monotonic() + 10, {}
                 while time.monotonic() < deadline:
                     seen = {v["trigger_id"]: v["_at"] for v in fake.named("views.open") if v["trigger_id"] in sent_at}
                     if len(seen) == len(sent_at):
                         break
                     time.sleep(0.05)
-                errors += len(sent_at) - len(seen)
+                errors[app] += len(sent_at) - len(seen)
                 opened += [seen[t] - sent_at[t] for t in seen]
-        rows.append(row(f"click ack, {name}", app, acks, errors))
-        if app == "ours":
-            rows.append(row(f"click -> views.open, {name}", app, opened))
+    for app in servers:
+        rows.append(row(f"click ack, {name}", app, acks[app], errors[app]) | {"burst_max_ms": worst[app]})
+    rows.append(row(f"click -> views.open, {name}", "ours", opened))
 
 
-def told_at(fake: SlowSlack, cases) -> dict:
+def told_at(fake: RemoteSlack, cases) -> dict:
     """When the approver was told about each of `cases`: the ephemeral message naming the case."""
     found = {}
     for message in fake.named("chat.postEphemeral"):
@@ -285,7 +363,7 @@ def told_at(fake: SlowSlack, cases) -> dict:
 
 
 def submission_phase(servers: dict, view_of: dict, batches: list[list[str]], rows: list,
-                     fake: SlowSlack | None = None) -> None:
+                     fake: RemoteSlack | None = None) -> None:
     for app, server in servers.items():
         took, shown, errors = [], [], 0
         for batch in batches:
@@ -340,9 +418,17 @@ def main(argv=None) -> int:
                         "nothing but the web processes, like the bare app's (default during)")
     p.add_argument("--worker-nice", type=int, default=0,
                    help="run the worker at this nice value (a lower scheduling priority than the web processes)")
+    p.add_argument("--bare-acks-in-request", action="store_true",
+                   help="serve the bare app with process_before_response, so that it acks in the request's "
+                        "thread as ours does, instead of Bolt's default (a pool thread acks, and the request "
+                        "polls for it every 10 ms)")
+    p.add_argument("--phases", choices=("all", "clicks", "submissions"), default="all",
+                   help="run only the click phases or only the submission phase (default all)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
-    serve = {"mode": args.serve, "processes": args.processes, "threads": args.threads}
+    clicks, submissions = args.phases in ("all", "clicks"), args.phases in ("all", "submissions")
+    serve = {"mode": args.serve, "processes": args.processes, "threads": args.threads,
+             "bare_in_request": args.bare_acks_in_request}
     started = time.perf_counter()
 
     from bot.wiring import build
@@ -355,7 +441,7 @@ def main(argv=None) -> int:
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     db_url = args.pg_admin_url.rsplit("/", 1)[0] + f"/{name}"
-    fake = SlowSlack()
+    fake = RemoteSlack()
     servers: dict = {}
     try:
         dbmod.upgrade(db_url)
@@ -364,53 +450,65 @@ def main(argv=None) -> int:
         conf = settings(db_url, fake.url, workdir, ports["ours"])
         c = build(load_settings(**conf))
         click_cases = awaiting_cases(c, args.clicks, "click")
-        decide_cases = awaiting_cases(c, args.clicks * args.rounds, "decide")
+        decide_cases = awaiting_cases(c, args.clicks * args.rounds, "decide") if submissions else []
         card_of = cards(c, click_cases)
         c.close()
+        with create_engine(db_url, isolation_level="AUTOCOMMIT").connect() as conn:
+            conn.execute(text("VACUUM ANALYZE"))  # else autovacuum may take a core during the first phase
         print(f"{len(click_cases)} cases to click on, {len(decide_cases)} to decide; setup "
               f"{time.perf_counter() - started:.0f} s", flush=True)
 
         servers = {kind: Server(kind, conf, ports[kind], serve) for kind in ("bare", "ours")}
         warm = [button_click("approve_case", case_id=k, channel=ch, message_ts=ts, user=APPROVER)
-                for k, (ch, ts) in list(card_of.items())[:5]]
+                for k, (ch, ts) in card_of.items()]
         for server in servers.values():
-            # first requests: every process's imports, auth.test and connection pool (gunicorn's
-            # processes boot after the arbiter is ready, so until all answer)
+            # every process's first requests pay for imports, auth.test, templates and connections.
+            # gunicorn's processes boot after the arbiter is ready, and a burst need not reach all of
+            # them, so a few full bursts, until all of one is answered.
             for _ in range(3 * args.processes):
-                if all(status == 200 for _, _, status in burst(server.url, warm * 4)):
+                if all(status == 200 for _, _, status in burst(server.url, warm)):
                     break
                 time.sleep(1)
+            for _ in range(2):
+                burst(server.url, warm)
+        settle = time.monotonic() + 10
+        seen = -1
+        while time.monotonic() < settle and len(fake.named("views.open")) != seen:  # the warm-up's modals
+            seen = len(fake.named("views.open"))
+            time.sleep(0.2)
 
         rows: list[dict] = []
-        fake.latency = 0.0
-        click_phase("API at once", servers, fake, card_of, args.rounds, rows)
-        fake.latency = args.api_latency
-        click_phase(f"API {args.api_latency * 1000:.0f} ms", servers, fake, card_of, args.rounds, rows)
-        fake.latency = 0.0
-        # the approve modal each case's click opened: what Slack sends back on submission
-        view_of = {v["view"]["private_metadata"].split("|")[0]: v["view"] for v in fake.named("views.open")}
-        for case_id in decide_cases:  # not clicked on yet: open their modals the same way
-            if case_id not in view_of:
-                view_of[case_id] = {"callback_id": "approve_modal", "private_metadata": f"{case_id}|{CHANNEL}",
-                                    "blocks": [], "title": {"type": "plain_text", "text": "Approve reset"}}
-        batches = [decide_cases[i:i + args.clicks] for i in range(0, len(decide_cases), args.clicks)]
-        # the bare app acks the same bodies; ours decides each case once, so it goes last on these cases
-        submission_phase({"bare": servers["bare"]}, view_of, batches, rows)
-        worker = Worker(conf, nice=args.worker_nice) if args.worker == "during" else None
-        try:
-            submission_phase({"ours": servers["ours"]}, view_of, batches, rows, fake if worker else None)
-            if worker is None:  # the decisions waited in the inbox; now a worker decides them
-                worker = Worker(conf)
-                started_at = time.monotonic()
-                deadline = started_at + 120
-                while len(told_at(fake, decide_cases)) < len(decide_cases) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                took = time.monotonic() - started_at
-                print(f"worker started after the bursts: {len(told_at(fake, decide_cases))} approvers told in "
-                      f"{took:.1f} s ({len(decide_cases) / took:.0f} per second)")
-        finally:
-            if worker is not None:
-                worker.stop()
+        if clicks:
+            fake.set_latency(0.0)
+            click_phase("API at once", servers, fake, card_of, args.rounds, rows)
+            fake.set_latency(args.api_latency)
+            click_phase(f"API {args.api_latency * 1000:.0f} ms", servers, fake, card_of, args.rounds, rows)
+        fake.set_latency(0.0)
+        if submissions:
+            # the approve modal each case's click opened: what Slack sends back on submission
+            view_of = {v["view"]["private_metadata"].split("|")[0]: v["view"] for v in fake.named("views.open")}
+            for case_id in decide_cases:  # not clicked on yet: open their modals the same way
+                if case_id not in view_of:
+                    view_of[case_id] = {"callback_id": "approve_modal", "private_metadata": f"{case_id}|{CHANNEL}",
+                                        "blocks": [], "title": {"type": "plain_text", "text": "Approve reset"}}
+            batches = [decide_cases[i:i + args.clicks] for i in range(0, len(decide_cases), args.clicks)]
+            # the bare app acks the same bodies; ours decides each case once, so it goes last on these cases
+            submission_phase({"bare": servers["bare"]}, view_of, batches, rows)
+            worker = Worker(conf, nice=args.worker_nice) if args.worker == "during" else None
+            try:
+                submission_phase({"ours": servers["ours"]}, view_of, batches, rows, fake if worker else None)
+                if worker is None:  # the decisions waited in the inbox; now a worker decides them
+                    worker = Worker(conf)
+                    started_at = time.monotonic()
+                    deadline = started_at + 120
+                    while len(told_at(fake, decide_cases)) < len(decide_cases) and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    took = time.monotonic() - started_at
+                    print(f"worker started after the bursts: {len(told_at(fake, decide_cases))} approvers told in "
+                          f"{took:.1f} s ({len(decide_cases) / took:.0f} per second)")
+            finally:
+                if worker is not None:
+                    worker.stop()
 
         engine = create_engine(db_url)
         with engine.connect() as conn:
@@ -425,7 +523,8 @@ def main(argv=None) -> int:
               f"{args.rounds} bursts per phase and app; "
               f"{os.cpu_count()} CPUs, Python {platform.python_version()}; Slack's limit is {SLACK_LIMIT:.0f} s\n")
         print(render(rows))
-        print(f"\nevery decided case holds exactly one approval: {one_each} ({len(decided)}/{len(decide_cases)})")
+        if submissions:
+            print(f"\nevery decided case holds exactly one approval: {one_each} ({len(decided)}/{len(decide_cases)})")
         print(f"(total run time {time.perf_counter() - started:.0f} s)")
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "one_each": one_each}, indent=2))

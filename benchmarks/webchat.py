@@ -104,12 +104,14 @@ def server_main(db_url: str, port: int, workdir: str, idle_sleep: float | None, 
     same process, like `recoverybot serve`."""
     from werkzeug.serving import make_server
 
+    from bot.startup import freeze_heap
     from bot.web import create_app
 
     c = make_container(db_url, port, workdir, idle_sleep)
     app = create_app(c)
     add_bench_routes(app, c)
     server = make_server("127.0.0.1", port, app, threaded=True)
+    freeze_heap()  # as `recoverybot serve` does
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     pipe.send(("ready", c.worker.idle_sleep))
     worker = None
@@ -139,7 +141,10 @@ def server_main(db_url: str, port: int, workdir: str, idle_sleep: float | None, 
 
 def worker_main(db_url: str, port: int, workdir: str, idle_sleep: float | None, pipe) -> None:
     """Runs in a child process (worker mode "process"): the worker alone, like `recoverybot worker`."""
+    from bot.startup import freeze_heap
+
     c = make_container(db_url, port, workdir, idle_sleep)
+    freeze_heap()
 
     def wait_for_stop():
         try:

@@ -95,7 +95,7 @@ def serve(demo: bool):
     """Run web and worker in one process (the embedded default)."""
     from werkzeug.serving import make_server
 
-    from bot.startup import announce
+    from bot.startup import announce, freeze_heap
     from bot.web import create_app
 
     c = _container(upgrade=True, service=True)
@@ -103,6 +103,7 @@ def serve(demo: bool):
         _load_demo_if_empty(c)
     app = create_app(c)
     server = make_server(c.settings.HOST, c.settings.PORT, app, threaded=True)
+    freeze_heap()
     thread = threading.Thread(target=c.worker.run_forever, name="worker", daemon=True)
     thread.start()
     _start_socket_mode(c)
@@ -163,11 +164,12 @@ def web(workers: int):
             self.cfg.set("child_exit", child_exit)
 
         def load(self):
-            from bot.startup import announce
+            from bot.startup import announce, freeze_heap
             from bot.web import create_app
 
             c = _container(service=True, check_keys=False)  # checked above, once
             app = create_app(c)
+            freeze_heap()
             announce(c, "web")
             return app
 
@@ -183,9 +185,10 @@ def worker():
     import signal
 
     from bot.metrics import Exposition, start_server
-    from bot.startup import announce
+    from bot.startup import announce, freeze_heap
 
     c = _container(service=True)
+    freeze_heap()
     signal.signal(signal.SIGTERM, lambda *_: c.worker.stop())
     _start_socket_mode(c)
     if c.settings.WORKER_METRICS_PORT:

@@ -1,6 +1,7 @@
 """What a starting process says: in a few lines, what runs where."""
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -8,6 +9,18 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger("recoverybot.startup")
+
+
+def freeze_heap() -> None:
+    """Takes what a process has built before it serves (modules, templates, mappers, the intent model:
+    about 125,000 objects) out of the garbage collector's sight.
+
+    A full collection otherwise walks all of them every time: 30 to 70 ms with the interpreter held, which
+    a burst of requests meets as one stall for every request in flight (a burst of 50 Slack clicks was
+    acked 160 to 550 ms late). They live as long as the process, so nothing that could be freed is kept,
+    and the garbage made while building is collected first."""
+    gc.collect()
+    gc.freeze()
 
 
 def safe_url(url: str) -> str:

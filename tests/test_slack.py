@@ -596,6 +596,96 @@ def test_button_value_is_never_trusted(sqlite_url, rig):
     assert get_case(r.c, alex_case).state == get_case(r.c, mei_case).state == "awaiting_approval"
 
 
+def test_a_click_is_answered_before_its_case_is_read_and_its_modal_opened(sqlite_url, rig):
+    """The click's answer goes out from the request's own thread; reading the case and views.open come after
+    it. With Slack holding views.open for 20 s, the click is still answered at once, and the modal is the
+    case's once Slack answers."""
+    r = rig(sqlite_url)
+    case_id = awaiting_case(r.c, ALEX)
+    r.fake.gates["views.open"] = held = threading.Event()
+    try:
+        channel, ts = r.card(case_id)
+        body = button_click("approve_case", case_id=case_id, channel=channel, message_ts=ts, user=ALICE,
+                            trigger="trig-held")
+        answer = requests.post(r.url, data=body, headers=signed(body), timeout=5)  # a held answer times out
+        assert answer.status_code == 200 and answer.text == ""
+        opened = r.fake.wait_for("views.open")[-1]  # the call was made, and is still held
+        assert opened["trigger_id"] == "trig-held" and not held.is_set()
+    finally:
+        held.set()
+    assert opened["view"]["private_metadata"].split("|")[0] == case_id
+
+
+def test_a_modal_slack_refuses_to_open_is_told_and_logged(sqlite_url, rig, caplog):
+    """When Slack answers views.open with an error (a trigger_id expired because the click was answered late,
+    say), the approver is told in the channel that nothing happened and to click again, the error is logged
+    with its cause, and the case is untouched."""
+    caplog.set_level(logging.WARNING)
+    r = rig(sqlite_url)
+    case_id = awaiting_case(r.c, ALEX)
+    before = snapshot(r.c, case_id)
+    r.fake.refuse["views.open"] = "expired_trigger_id"
+    r.click(case_id, ALICE, action="deny_case")
+    r.fake.wait_for("chat.postEphemeral")
+    told = r.ephemerals(ALICE)[-1]
+    assert f"denial form for case `{case_id}` in time" in told and "Click Deny on the card again" in told
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not [x for x in caplog.records if x.name == "bot.slack.app"]:
+        time.sleep(0.02)
+    [logged] = [x for x in caplog.records if x.name == "bot.slack.app"]
+    assert logged.levelno == logging.ERROR and "expired_trigger_id" in str(logged.exc_info[1])
+    assert snapshot(r.c, case_id) == before and refusals(r.c, case_id) == []
+    del r.fake.refuse["views.open"]
+    assert r.modal(case_id, ALICE)["private_metadata"].startswith(case_id)
+
+
+def test_work_after_an_ack_waits_for_the_acks_still_to_go():
+    """AcksFirst, with real threads: the work after an ack waits while a request of the process is still
+    unanswered, then for a quiet spell with no new request, and never longer than its limit."""
+    from bot.slack.app import AcksFirst
+
+    def waiter(gate: AcksFirst) -> threading.Thread:
+        t = threading.Thread(target=gate.wait)
+        t.start()
+        return t
+
+    entered, release = threading.Event(), threading.Event()
+
+    def request(gate: AcksFirst):
+        with gate.request():
+            entered.set()
+            release.wait()
+
+    gate = AcksFirst(limit=30, quiet=0.05)
+    holder = threading.Thread(target=request, args=(gate,))
+    holder.start()
+    entered.wait(5)
+    work = waiter(gate)
+    work.join(0.5)
+    assert work.is_alive()  # an unanswered request goes first
+    release.set()
+    holder.join(5)
+    work.join(5)
+    assert not work.is_alive()  # answered, and no request since: the work goes
+
+    idle = AcksFirst(limit=30, quiet=0.05)
+    started = time.monotonic()
+    idle.wait()
+    assert time.monotonic() - started < 5  # nothing to wait for
+
+    stuck = AcksFirst(limit=0.2, quiet=0.05)
+    release.clear()
+    entered.clear()
+    holder = threading.Thread(target=request, args=(stuck,))
+    holder.start()
+    entered.wait(5)
+    work = waiter(stuck)
+    work.join(10)
+    assert not work.is_alive()  # the limit: a modal never waits out the trigger_id's 3 s
+    release.set()
+    holder.join(5)
+
+
 # ---- forged, stale and replayed requests -------------------------------------------------------------------
 
 def test_stale_and_forged_requests_are_rejected_and_change_nothing(sqlite_url, rig):
