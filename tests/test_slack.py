@@ -617,26 +617,72 @@ def test_a_click_is_answered_before_its_case_is_read_and_its_modal_opened(sqlite
 
 
 def test_a_modal_slack_refuses_to_open_is_told_and_logged(sqlite_url, rig, caplog):
-    """When Slack answers views.open with an error (a trigger_id expired because the click was answered late,
-    say), the approver is told in the channel that nothing happened and to click again, the error is logged
-    with its cause, and the case is untouched."""
+    """When Slack answers views.open with ok: false, the approver is told in the channel that nothing
+    happened: to click again for an expired trigger (a click answered late), to tell whoever runs the bot for
+    a refusal clicking cannot fix. A gateway's 5xx tells nothing, since the form may have opened. Each
+    failure is logged with its cause, and the case is untouched."""
     caplog.set_level(logging.WARNING)
     r = rig(sqlite_url)
     case_id = awaiting_case(r.c, ALEX)
     before = snapshot(r.c, case_id)
+
+    def failures(n: int) -> list[logging.LogRecord]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len([x for x in caplog.records if x.name == "bot.slack.app"]) < n:
+            time.sleep(0.02)
+        return [x for x in caplog.records if x.name == "bot.slack.app"]
+
     r.fake.refuse["views.open"] = "expired_trigger_id"
     r.click(case_id, ALICE, action="deny_case")
     r.fake.wait_for("chat.postEphemeral")
     told = r.ephemerals(ALICE)[-1]
     assert f"denial form for case `{case_id}` in time" in told and "Click Deny on the card again" in told
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not [x for x in caplog.records if x.name == "bot.slack.app"]:
-        time.sleep(0.02)
-    [logged] = [x for x in caplog.records if x.name == "bot.slack.app"]
+    [logged] = failures(1)
     assert logged.levelno == logging.ERROR and "expired_trigger_id" in str(logged.exc_info[1])
-    assert snapshot(r.c, case_id) == before and refusals(r.c, case_id) == []
+
+    r.fake.refuse["views.open"] = "missing_scope"
+    r.click(case_id, ALICE)
+    r.fake.wait_for("chat.postEphemeral", 2)
+    told = r.ephemerals(ALICE)[-1]
+    assert "approval form" in told and "(missing_scope)" in told and "tell whoever runs this bot" in told
+    assert "Click Approve on the card again" not in told
+    assert len(failures(2)) == 2
+
     del r.fake.refuse["views.open"]
+    r.fake.fail_next.append((502, {}))
+    r.click(case_id, ALICE)
+    assert len(failures(3)) == 3
+    assert len(r.fake.named("chat.postEphemeral")) == 2  # nothing said: the form may have opened
+    assert snapshot(r.c, case_id) == before and refusals(r.c, case_id) == []
     assert r.modal(case_id, ALICE)["private_metadata"].startswith(case_id)
+
+
+def test_a_refused_submission_gets_its_form_error_before_it_is_audited(sqlite_url, rig):
+    """A submission from someone who may not decide is answered with the error under its field at once; the
+    audit record and the ephemeral refusal come after the answer, so a slow or failing Slack cannot hold
+    the answer back or turn it into a 500."""
+    r = rig(sqlite_url)
+    case_id = awaiting_case(r.c, ALEX)
+    view = r.modal(case_id, ALICE)
+    body = submission(view, user=MALLORY, values={"totp": {"code": {"type": "plain_text_input", "value": "123456"}}})
+    r.fake.gates["chat.postEphemeral"] = held = threading.Event()
+    try:
+        answer = requests.post(r.url, data=body, headers=signed(body), timeout=5)
+        assert answer.status_code == 200
+        assert answer.json() == {"response_action": "errors", "errors": {"totp": "You may not decide on this case."}}
+    finally:
+        held.set()
+    r.fake.wait_for("chat.postEphemeral")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not refusals(r.c, case_id):
+        time.sleep(0.02)
+    assert refusals(r.c, case_id) == [(f"slack:{TEAM}:{MALLORY}", "not_authorized")]
+
+    r.fake.refuse["chat.postEphemeral"] = "channel_not_found"
+    body = submission(view, user=MALLORY, values={"totp": {"code": {"type": "plain_text_input", "value": "123456"}}})
+    answer = requests.post(r.url, data=body, headers=signed(body), timeout=5)
+    assert answer.status_code == 200 and answer.json()["response_action"] == "errors"
+    assert get_case(r.c, case_id).state == "awaiting_approval"
 
 
 def test_work_after_an_ack_waits_for_the_acks_still_to_go():
@@ -672,6 +718,18 @@ def test_work_after_an_ack_waits_for_the_acks_still_to_go():
     started = time.monotonic()
     idle.wait()
     assert time.monotonic() - started < 5  # nothing to wait for
+
+    late = AcksFirst(limit=30, quiet=0.05)
+    release.clear()
+    entered.clear()
+    holder = threading.Thread(target=request, args=(late,))
+    holder.start()
+    entered.wait(5)
+    started = time.monotonic()
+    late.wait(since=time.monotonic() - 30)  # a click that waited its limit for a pool thread goes at once
+    assert time.monotonic() - started < 5
+    release.set()
+    holder.join(5)
 
     stuck = AcksFirst(limit=0.2, quiet=0.05)
     release.clear()

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # close to the trigger_id's 3 s life (see docs/performance.md). The work holds a database connection
 # only briefly, never while calling Slack.
 LISTENER_THREADS = 64
+# views.open errors that a new click can get past: a fresh trigger_id, or a moment later
+RETRYABLE_OPEN_ERRORS = frozenset({"expired_trigger_id", "invalid_trigger_id", "exchanged_trigger_id", "ratelimited"})
 
 
 def make_client(settings) -> WebClient:
@@ -127,12 +129,15 @@ class Approvals:
         Not a Bolt lazy listener: Bolt deep-copies the whole request for one before it answers, 0.3 of
         the 2.3 ms of CPU a click's request thread took. Nothing else holds this body."""
         ack()
-        self.after_ack.submit(self.after_click, body, action)
+        try:
+            self.after_ack.submit(self.after_click, body, action, time.monotonic())
+        except RuntimeError as exc:  # the pool is shut down: the process is stopping; keep the ack a 200
+            _log_failure("a Slack click while stopping", exc)
 
-    def after_click(self, body, action):
+    def after_click(self, body, action, acked_at: float):
         """The click's work once it is answered. Nothing is left to answer, so a failure is only logged."""
         try:
-            self.acks_first.wait()
+            self.acks_first.wait(since=acked_at)  # the wait counts from the ack, not from a free pool thread
             self.on_button(body, action)
         except Exception as exc:  # noqa: BLE001 - the click is answered; the approver clicks again
             _log_failure("a Slack click after its ack", exc)
@@ -162,11 +167,14 @@ class Approvals:
             self.client.views_open(trigger_id=body["trigger_id"], view=views.decision_modal(
                 self.c.renderer, self.c.deps, case, approve=deciding, channel_id=channel_id, masked=masked))
         except SlackApiError as exc:
-            # Slack answered, so the form is certainly not open (a trigger_id lives 3 s, and a click
-            # answered late has an expired one); without a word the button would seem to do nothing.
-            if channel_id:
+            # Only Slack's own refusal (HTTP 200, ok: false) says for certain that no form is open; a
+            # gateway's 5xx might follow a form that did open. Without a word the button would seem to do
+            # nothing. Clicking again helps with a trigger that expired (a click answered late) or a rate
+            # limit, not with a refusal of the app itself (a missing scope, a revoked token).
+            error = exc.response.get("error") if exc.response.status_code == 200 else None
+            if channel_id and error:
                 text = self.c.renderer.block(card.TEMPLATE, "form_failed", dict(
-                    case_id=case.id, approve=deciding, error=exc.response.get("error")))
+                    case_id=case.id, approve=deciding, error=error, retry=error in RETRYABLE_OPEN_ERRORS))
                 self.client.chat_postEphemeral(channel=channel_id, user=_user_id(body), text=text)
             raise
 
@@ -181,9 +189,9 @@ class Approvals:
         if reason:
             field = next((f for f in ("totp", "reason") if f in values), None)
             ack(response_action="errors", errors={field: "You may not decide on this case."}) if field else ack()
-            case = self._case_or_none(case_id)
-            if case is not None:
-                self._refuse(body, reason, case, channel_id or None)
+            # after the answer, on the pool: with process_before_response anything still running here
+            # would hold the answer back, and a failure would turn it into a 500
+            self.after_ack.submit(self.after_refused_submission, body, reason, case_id, channel_id or None)
             return
         approve = view.get("callback_id") == views.APPROVE_VIEW
         if self.decisions.unusable(case_id, view, _user_id(body)):
@@ -200,6 +208,15 @@ class Approvals:
         self.c.metrics.inbox("slack", "stored" if stored else "duplicate")
         self.c.worker.wake()  # `recoverybot serve`: the worker in this process; others hear a NOTIFY
         ack(response_action="update", view=self.decisions.recording_view(case_id, channel_id, approve=approve))
+
+    def after_refused_submission(self, body: dict, reason: str, case_id: str, channel_id: str | None) -> None:
+        """Audits a refused submission and tells its sender, once it is answered; a failure is only logged."""
+        try:
+            case = self._case_or_none(case_id)
+            if case is not None:
+                self._refuse(body, reason, case, channel_id)
+        except Exception as exc:  # noqa: BLE001 - the submission is answered with its form error already
+            _log_failure("a refused Slack submission after its answer", exc)
 
     def _case_or_none(self, case_id: str) -> Case | None:
         with self.c.recovery.service() as svc:
@@ -302,7 +319,7 @@ class AcksFirst:
     its threads have not taken yet where this process cannot count them, and the count touches zero each
     time its threads are between two requests. So the work also waits until no request has come in for
     `quiet` seconds; a request of the same burst comes in well within that. A modal waits at most `limit`
-    seconds, far inside the trigger_id's 3 s."""
+    seconds from its click's ack, far inside the trigger_id's 3 s."""
 
     def __init__(self, limit: float = 0.5, quiet: float = 0.05):
         self.limit, self.quiet = limit, quiet
@@ -322,8 +339,9 @@ class AcksFirst:
                 if not self.pending:
                     self.changed.notify_all()
 
-    def wait(self) -> None:
-        deadline = time.monotonic() + self.limit
+    def wait(self, since: float | None = None) -> None:
+        """Returns once the acks have gone, or `limit` seconds after `since` (a monotonic time; now if None)."""
+        deadline = (time.monotonic() if since is None else since) + self.limit
         with self.changed:
             while True:
                 now = time.monotonic()
