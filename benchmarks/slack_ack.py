@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/slack_ack.py [--clicks 50] [--rounds 6] [--api-latency 0.2]
                                              [--serve gunicorn|werkzeug] [--processes 2] [--threads 8]
-                                             [--phases all|clicks|submissions] [--bare-acks-in-request]
+                                             [--phases all|clicks|submissions] [--bare-acks-in-request] [--spread 1]
                                              [--worker during|after] [--pg-admin-url URL] [--json FILE]
 
 Slack gives an app 3 seconds to acknowledge a click, and a modal can only be opened with the click's
@@ -27,7 +27,8 @@ Phases, each `rounds` bursts of `clicks` requests released together by a barrier
                    calls views.open; "click -> views.open" is when the fake Slack received that call
                    (it must come within the trigger_id's 3 s).
                    Run twice: the fake API answering at once, and after --api-latency seconds (real Slack
-                   answers in about 0.1-0.3 s), since a slow API ties up the listener threads.
+                   answers in about 0.1-0.3 s), since a slow API ties up the listener threads; then, with
+                   the slow API, the clicks spread evenly over --spread seconds instead of all at once.
   submission       Approve-modal submissions (view_submission), each on its own low-risk case. Ours stores
                    the submission and answers with a "recording…" view; a worker process (as `recoverybot
                    worker`; --worker during: through the bursts, after: once they are over) decides (a
@@ -45,6 +46,7 @@ import logging
 import multiprocessing as mp
 import os
 import platform
+import random
 import socket
 import sys
 import tempfile
@@ -281,14 +283,18 @@ def cards(c, case_ids: list[str]) -> dict[str, tuple[str, str]]:
 
 # ---- load ----------------------------------------------------------------------------------------------------
 
-def burst(url: str, bodies: list[str]) -> list[tuple[float, float, int]]:
+def burst(url: str, bodies: list[str], spread: float = 0.0) -> list[tuple[float, float, int]]:
     """POST all bodies at the same moment, each freshly signed; returns (sent, answered, status) per body."""
     barrier = threading.Barrier(len(bodies))
+    offsets = [spread * k / len(bodies) for k in range(len(bodies))]
+    random.Random(len(bodies)).shuffle(offsets)
     out: list = [None] * len(bodies)
 
     def one(i: int) -> None:
         headers = signed(bodies[i])
         barrier.wait()
+        if spread:  # the i-th request of n goes i/n of the way into the spread, in a shuffled order
+            time.sleep(offsets[i])
         sent = time.monotonic()
         try:
             status = requests.post(url, data=bodies[i], headers=headers, timeout=30).status_code
@@ -322,7 +328,8 @@ def row(name: str, app: str, seconds: list[float], errors: int = 0) -> dict:
             "over_3s": sum(s > SLACK_LIMIT for s in seconds)}
 
 
-def click_phase(name: str, servers: dict, fake: RemoteSlack, card_of: dict, rounds: int, rows: list) -> None:
+def click_phase(name: str, servers: dict, fake: RemoteSlack, card_of: dict, rounds: int, rows: list,
+                spread: float = 0.0) -> None:
     """`rounds` bursts per app, the apps taking turns burst by burst, so that a change in what else the
     machine is doing falls on both."""
     acks = {app: [] for app in servers}
@@ -333,7 +340,7 @@ def click_phase(name: str, servers: dict, fake: RemoteSlack, card_of: dict, roun
             triggers = {case_id: f"trig-{app}-{r}-{uuid.uuid4().hex[:8]}" for case_id in card_of}
             bodies = [button_click("approve_case", case_id=case_id, channel=ch, message_ts=ts, user=APPROVER,
                                    trigger=triggers[case_id]) for case_id, (ch, ts) in card_of.items()]
-            results = burst(server.url, bodies)
+            results = burst(server.url, bodies, spread)
             acks[app] += [done - sent for sent, done, _ in results]
             worst[app].append(round(max(done - sent for sent, done, _ in results) * 1000, 1))
             errors[app] += sum(status != 200 for _, _, status in results)
@@ -422,6 +429,9 @@ def main(argv=None) -> int:
                    help="serve the bare app with process_before_response, so that it acks in the request's "
                         "thread as ours does, instead of Bolt's default (a pool thread acks, and the request "
                         "polls for it every 10 ms)")
+    p.add_argument("--spread", type=float, default=1.0,
+                   help="also run the clicks (slow API) spread evenly over this many seconds instead of all at "
+                        "once, so that one click's modal work overlaps later clicks' acks (default 1; 0: skip)")
     p.add_argument("--phases", choices=("all", "clicks", "submissions"), default="all",
                    help="run only the click phases or only the submission phase (default all)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -483,6 +493,9 @@ def main(argv=None) -> int:
             click_phase("API at once", servers, fake, card_of, args.rounds, rows)
             fake.set_latency(args.api_latency)
             click_phase(f"API {args.api_latency * 1000:.0f} ms", servers, fake, card_of, args.rounds, rows)
+            if args.spread:
+                click_phase(f"API {args.api_latency * 1000:.0f} ms, over {args.spread:g} s", servers, fake, card_of,
+                            args.rounds, rows, spread=args.spread)
         fake.set_latency(0.0)
         if submissions:
             # the approve modal each case's click opened: what Slack sends back on submission
