@@ -14,6 +14,7 @@ import re
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from hashlib import sha256
 from pathlib import Path
 
@@ -695,22 +696,30 @@ def test_work_after_an_ack_waits_for_the_acks_still_to_go():
         t.start()
         return t
 
-    entered, release = threading.Event(), threading.Event()
+    @contextmanager
+    def unanswered(gate: AcksFirst):
+        """A request of the process that stays unanswered until the block ends."""
+        entered, release = threading.Event(), threading.Event()
 
-    def request(gate: AcksFirst):
-        with gate.request():
-            entered.set()
-            release.wait()
+        def request():
+            with gate.request():
+                entered.set()
+                release.wait()
+
+        holder = threading.Thread(target=request)
+        holder.start()
+        entered.wait(5)
+        try:
+            yield
+        finally:
+            release.set()
+            holder.join(5)
 
     gate = AcksFirst(limit=30, quiet=0.05)
-    holder = threading.Thread(target=request, args=(gate,))
-    holder.start()
-    entered.wait(5)
-    work = waiter(gate)
-    work.join(0.5)
-    assert work.is_alive()  # an unanswered request goes first
-    release.set()
-    holder.join(5)
+    with unanswered(gate):
+        work = waiter(gate)
+        work.join(0.5)
+        assert work.is_alive()  # an unanswered request goes first
     work.join(5)
     assert not work.is_alive()  # answered, and no request since: the work goes
 
@@ -720,28 +729,16 @@ def test_work_after_an_ack_waits_for_the_acks_still_to_go():
     assert time.monotonic() - started < 5  # nothing to wait for
 
     late = AcksFirst(limit=30, quiet=0.05)
-    release.clear()
-    entered.clear()
-    holder = threading.Thread(target=request, args=(late,))
-    holder.start()
-    entered.wait(5)
-    started = time.monotonic()
-    late.wait(since=time.monotonic() - 30)  # a click that waited its limit for a pool thread goes at once
-    assert time.monotonic() - started < 5
-    release.set()
-    holder.join(5)
+    with unanswered(late):
+        started = time.monotonic()
+        late.wait(since=time.monotonic() - 30)  # a click that waited its limit for a pool thread goes at once
+        assert time.monotonic() - started < 5
 
     stuck = AcksFirst(limit=0.2, quiet=0.05)
-    release.clear()
-    entered.clear()
-    holder = threading.Thread(target=request, args=(stuck,))
-    holder.start()
-    entered.wait(5)
-    work = waiter(stuck)
-    work.join(10)
-    assert not work.is_alive()  # the limit: a modal never waits out the trigger_id's 3 s
-    release.set()
-    holder.join(5)
+    with unanswered(stuck):
+        work = waiter(stuck)
+        work.join(10)
+        assert not work.is_alive()  # the limit: a modal never waits out the trigger_id's 3 s
 
 
 # ---- forged, stale and replayed requests -------------------------------------------------------------------
