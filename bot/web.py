@@ -14,7 +14,7 @@ from bot.http import ApiError
 from bot.webchat import request_locale
 from bot.intercom import webhook as intercom_webhook
 from bot.metrics import CONTENT_TYPE, Exposition, authorized
-from recovery.db import is_outage
+from recovery.db import driver_error, is_outage
 
 log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024
@@ -126,20 +126,13 @@ def create_app(container) -> Flask:
 
     def unavailable(exc: Exception):
         log.warning("database unavailable on %s %s: %s", request.method,
-                    request.url_rule.rule if request.url_rule is not None else "(no route)", _driver_error(exc))
+                    request.url_rule.rule if request.url_rule is not None else "(no route)", driver_error(exc))
         headers = {"Retry-After": str(RETRY_AFTER)}
         if wants_json():
             return jsonify(error="unavailable", message=OUTAGE_MESSAGE), 503, headers
         return container.renderer.page("error", request_locale(container.renderer), status=503), 503, headers
 
     return app
-
-
-def _driver_error(exc: BaseException) -> str:
-    """The driver's own error class (say OperationalError/ConnectionTimeout), never its message, which
-    can name the database host and user."""
-    orig = getattr(exc, "orig", None)
-    return f"{type(exc).__name__}/{type(orig).__name__}" if orig is not None else type(exc).__name__
 
 
 def _slack_error(error: Exception, response):
@@ -150,7 +143,7 @@ def _slack_error(error: Exception, response):
     if not is_outage(error):
         log.error("Slack listener failed", exc_info=error)
         return None
-    log.warning("database unavailable in a Slack listener: %s", _driver_error(error))
+    log.warning("database unavailable in a Slack listener: %s", driver_error(error))
     if response is None:  # already acknowledged: nothing left to answer
         return None
     return BoltResponse(status=503, body='{"error": "unavailable", "message": "%s"}' % OUTAGE_MESSAGE,

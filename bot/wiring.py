@@ -93,10 +93,8 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
     if settings.slack_enabled:
         from bot.slack.app import make_client
         from bot.slack.card import conversation_link
-        from bot.slack.notifier import SlackStaffNotifier
-
         from bot.slack.decisions import Decisions
-        from bot.slack.notifier import ApproverMessages
+        from bot.slack.notifier import ApproverMessages, SlackStaffNotifier
 
         slack_client = make_client(settings)
         slack_decisions = Decisions(deps=deps, renderer=renderer)

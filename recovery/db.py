@@ -52,6 +52,13 @@ def is_outage(exc: BaseException | None) -> bool:
     return False
 
 
+def driver_error(exc: BaseException) -> str:
+    """The error's class and the driver's own (say OperationalError/ConnectionTimeout), never its message,
+    which can name the database host and user: what a log line may say about a failed database call."""
+    orig = getattr(exc, "orig", None)
+    return f"{type(exc).__name__}/{type(orig).__name__}" if orig is not None else type(exc).__name__
+
+
 def insert_new(session_or_dialect, model, unique):
     """An INSERT into `model`'s table that skips a row whose `unique` column is already stored (ON CONFLICT
     DO NOTHING), with no look-up first; each database spells it with a construct of its own. Takes the

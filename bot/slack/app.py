@@ -21,10 +21,10 @@ from sqlalchemy import select
 
 from bot.slack import card, views
 from bot.slack.decisions import Decisions
-from bot.slack.views import APPROVE_VIEW, DENY_VIEW
+from bot.slack.views import APPROVE_VIEW, DENY_VIEW, as_dict, form_values
 from recovery import audit
 from recovery.cases import initiators
-from recovery.db import is_outage
+from recovery.db import driver_error, is_outage
 from recovery.errors import NotFound
 from recovery.machine import State
 from recovery.models import Case, Conversation, SlackCard
@@ -50,12 +50,11 @@ def make_client(settings) -> WebClient:
 class Approvals:
     """The listeners, with what they need; registered on a Bolt App by `register`."""
 
-    def __init__(self, container, client: WebClient, acks_first: AcksFirst | None = None,
-                 after_ack: ThreadPoolExecutor | None = None):
+    def __init__(self, container, client: WebClient, acks_first: AcksFirst, after_ack: ThreadPoolExecutor):
         self.c, self.client = container, client
-        self.after_ack = after_ack or ThreadPoolExecutor(max_workers=LISTENER_THREADS, thread_name_prefix="slack-click")
+        self.after_ack = after_ack
         self.decisions = Decisions(deps=container.deps, renderer=container.renderer)
-        self.acks_first = acks_first or AcksFirst(limit=0)
+        self.acks_first = acks_first
         self.approvers = set(container.settings.SLACK_APPROVER_IDS)
         self.security = set(container.settings.SLACK_SECURITY_APPROVER_IDS)
         self._team_id = container.settings.SLACK_TEAM_ID or None
@@ -72,14 +71,14 @@ class Approvals:
         """Why this request may not act, or None. Every workspace id the payload carries must be ours:
         in a channel shared through Slack Connect, `team.id` is ours while the clicking user's
         `user.team_id` is their own workspace's, and a listed id from another workspace is someone else."""
-        user = _dict(body.get("user"))
-        teams = [_dict(body.get("team")).get("id"), user.get("team_id"), body.get("team_id")]
+        user = as_dict(body.get("user"))
+        teams = [as_dict(body.get("team")).get("id"), user.get("team_id"), body.get("team_id")]
         teams = [t for t in teams if t]
         if not teams or any(t != self.team_id() for t in teams):
             return "other_team"
         if self.enterprise_id is not None:
             enterprise = body.get("enterprise")
-            orgs = [enterprise if isinstance(enterprise, str) else _dict(enterprise).get("id"),
+            orgs = [enterprise if isinstance(enterprise, str) else as_dict(enterprise).get("id"),
                     body.get("enterprise_id"), user.get("enterprise_id")]
             orgs = [o for o in orgs if o]
             if not orgs or any(o != self.enterprise_id for o in orgs):
@@ -90,24 +89,24 @@ class Approvals:
 
     def _refuse(self, body: dict, reason: str, case: Case | None, channel_id: str | None, **extra) -> None:
         user = _user_id(body) or "?"
-        team = _dict(body.get("team")).get("id") or body.get("team_id") or "?"
+        team = as_dict(body.get("team")).get("id") or body.get("team_id") or "?"
         if case is not None:
             with self.c.recovery.service() as svc:
                 audit.append(svc.s, case_id=case.id, event="approval_refused", from_state=case.state,
                              to_state=case.state, actor=f"slack:{team}:{user}", channel="slack", reason=reason,
                              at=svc.now)
         if channel_id and user != "?":
-            text = self.c.renderer.block(card.TEMPLATE, "refused", dict(reason=reason, state=extra.get("state", ""),
-                                                                        message=extra.get("message", "")))
+            text = views.refusal_text(self.c.renderer, reason, state=extra.get("state", ""),
+                                      message=extra.get("message", ""))
             self.client.chat_postEphemeral(channel=channel_id, user=user, text=text)
 
     def click_context(self, body: dict) -> tuple[Case | None, set[str], str]:
         """What a click needs from the database, in one query of one read-only transaction (no write
         lock on SQLite, no commit): the case the card is on, who may not decide on it, and the owner's
         masked address for the modal. The case is found by the message the button is on."""
-        container = _dict(body.get("container"))
-        channel = _dict(body.get("channel")).get("id") or container.get("channel_id")
-        ts = _dict(body.get("message")).get("ts") or container.get("message_ts")
+        container = as_dict(body.get("container"))
+        channel = as_dict(body.get("channel")).get("id") or container.get("channel_id")
+        ts = as_dict(body.get("message")).get("ts") or container.get("message_ts")
         if not channel or not ts:
             return None, set(), "-"
         with self.c.db.reading() as s:
@@ -129,21 +128,29 @@ class Approvals:
         Not a Bolt lazy listener: Bolt deep-copies the whole request for one before it answers, 0.3 of
         the 2.3 ms of CPU a click's request thread took. Nothing else holds this body."""
         ack()
-        try:
-            self.after_ack.submit(self.after_click, body, action, time.monotonic())
-        except RuntimeError as exc:  # the pool is shut down: the process is stopping; keep the ack a 200
-            _log_failure("a Slack click while stopping", exc)
+        self._after_answer("a Slack click", self._open_after_acks, body, action, time.monotonic())
 
-    def after_click(self, body, action, acked_at: float):
-        """The click's work once it is answered. Nothing is left to answer, so a failure is only logged."""
+    def _after_answer(self, what: str, work, *args) -> None:
+        """Run `work(*args)` on the pool once the request is answered. With process_before_response anything
+        still running in the listener holds the answer back, and a failure there would turn it into a 500;
+        here nothing is left to answer, so a failure is only logged (the approver clicks again)."""
+        def run():
+            try:
+                work(*args)
+            except Exception as exc:  # noqa: BLE001 - answered already
+                _log_failure(f"{what} after its answer", exc)
+
         try:
-            self.acks_first.wait(since=acked_at)  # the wait counts from the ack, not from a free pool thread
-            self.on_button(body, action)
-        except Exception as exc:  # noqa: BLE001 - the click is answered; the approver clicks again
-            _log_failure("a Slack click after its ack", exc)
+            self.after_ack.submit(run)
+        except RuntimeError as exc:  # the pool is shut down: the process is stopping; the answer stands
+            _log_failure(f"{what} while stopping", exc)
+
+    def _open_after_acks(self, body, action, acked_at: float) -> None:
+        self.acks_first.wait(since=acked_at)  # the wait counts from the ack, not from a free pool thread
+        self.on_button(body, action)
 
     def on_button(self, body, action):
-        channel_id = _dict(body.get("channel")).get("id")
+        channel_id = as_dict(body.get("channel")).get("id")
         reason = self.refusal(body)
         if reason:
             self._refuse(body, reason, self.click_context(body)[0], channel_id)
@@ -184,14 +191,13 @@ class Approvals:
         """Check what the form can show, store the submission, answer with "recording…"; the worker decides
         (bot/slack/decisions.py) and tells the approver the outcome in the card's channel."""
         case_id, _, channel_id = (view.get("private_metadata") or "").partition("|")
-        values = _values(view)
+        values = form_values(view)
         reason = self.refusal(body)
         if reason:
             field = next((f for f in ("totp", "reason") if f in values), None)
             ack(response_action="errors", errors={field: "You may not decide on this case."}) if field else ack()
-            # after the answer, on the pool: with process_before_response anything still running here
-            # would hold the answer back, and a failure would turn it into a 500
-            self.after_ack.submit(self.after_refused_submission, body, reason, case_id, channel_id or None)
+            self._after_answer("a refused Slack submission", self._refuse_submission, body, reason, case_id,
+                               channel_id or None)
             return
         approve = view.get("callback_id") == views.APPROVE_VIEW
         if self.decisions.unusable(case_id, view, _user_id(body)):
@@ -209,14 +215,10 @@ class Approvals:
         self.c.worker.wake()  # `recoverybot serve`: the worker in this process; others hear a NOTIFY
         ack(response_action="update", view=self.decisions.recording_view(case_id, channel_id, approve=approve))
 
-    def after_refused_submission(self, body: dict, reason: str, case_id: str, channel_id: str | None) -> None:
-        """Audits a refused submission and tells its sender, once it is answered; a failure is only logged."""
-        try:
-            case = self._case_or_none(case_id)
-            if case is not None:
-                self._refuse(body, reason, case, channel_id)
-        except Exception as exc:  # noqa: BLE001 - the submission is answered with its form error already
-            _log_failure("a refused Slack submission after its answer", exc)
+    def _refuse_submission(self, body: dict, reason: str, case_id: str, channel_id: str | None) -> None:
+        case = self._case_or_none(case_id)
+        if case is not None:
+            self._refuse(body, reason, case, channel_id)
 
     def _case_or_none(self, case_id: str) -> Case | None:
         with self.c.recovery.service() as svc:
@@ -259,24 +261,9 @@ class Approvals:
             return self.c.renderer.block(card.TEMPLATE, "slash_help", {})
 
 
-def _dict(value) -> dict:
-    """A payload field that should be an object; anything else reads as empty (bot/slack/gate.py has
-    already refused bodies whose fields have the wrong type, so this is a second belt)."""
-    return value if isinstance(value, dict) else {}
-
-
 def _user_id(body: dict) -> str | None:
-    user_id = _dict(body.get("user")).get("id") or body.get("user_id")
+    user_id = as_dict(body.get("user")).get("id") or body.get("user_id")
     return user_id if isinstance(user_id, str) and user_id else None
-
-
-def _values(view: dict) -> dict:
-    return _dict(_dict(view.get("state")).get("values"))
-
-
-def _value(values: dict, block: str, action: str) -> str | None:
-    value = _dict(_dict(values.get(block)).get(action)).get("value")
-    return value if isinstance(value, str) else None
 
 
 def _age(delta: timedelta) -> str:
@@ -305,7 +292,7 @@ def bolt_logger() -> logging.Logger:
 
 def _log_failure(what: str, exc: Exception) -> None:
     if is_outage(exc):
-        log.warning("database unavailable in %s: %s", what, type(exc).__name__)
+        log.warning("database unavailable in %s: %s", what, driver_error(exc))
     else:
         log.error("%s failed", what, exc_info=exc)
 

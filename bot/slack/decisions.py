@@ -59,10 +59,10 @@ class Decisions:
     def form_error(self, values: dict, *, approve: bool) -> dict | None:
         """What Slack can show on the form itself, with nothing stored: {block_id: message}, or None."""
         if not approve:
-            reason = _value(values, "reason", "text")
+            reason = views.form_value(values, "reason", "text")
             if not (reason or "").strip():
                 return {"reason": "A denial needs a reason; the owner is told it."}
-        elif "totp" in values and not CODE.fullmatch((_value(values, "totp", "code") or "").replace(" ", "")):
+        elif "totp" in values and not CODE.fullmatch((views.form_value(values, "totp", "code") or "").replace(" ", "")):
             return {"totp": "Enter the 6-digit code your own authenticator shows now."}
         return None
 
@@ -73,8 +73,8 @@ class Decisions:
 
         One statement on a plain connection, and on PostgreSQL the worker's wake-up inside it: this is all
         the web process does before the ack, so it is kept to a single round trip and commit."""
-        code = _value(values, "totp", "code")
-        reason = _value(values, "reason", "text")
+        code = views.form_value(values, "totp", "code")
+        reason = views.form_value(values, "reason", "text")
         keyring = self.deps.keyring
         # A version of a view is submitted once (our answer replaces it), so the view's id and hash, with
         # who submitted it, name the submission; the code and reason stay out of the key, which is stored
@@ -119,11 +119,11 @@ class Decisions:
             log.info("slack decision on %s refused: %s", case_id, exc.reason)
             retry = ("approve" if approve else "deny") if exc.reason in FIXABLE else None
             text = self._text(case_id, outcome="refused", retry=retry,
-                              message=self._refusal(exc.reason, message=str(exc)))
+                              message=views.refusal_text(self.renderer, exc.reason, message=str(exc)))
         except IllegalTransition as exc:
             # a racing approver or a second submission: the first decision stands, nothing changed
-            text = self._text(case_id, outcome="refused", message=self._refusal("closed", message=str(exc),
-                                                                                 state=exc.state))
+            text = self._text(case_id, outcome="refused",
+                              message=views.refusal_text(self.renderer, "closed", message=str(exc), state=exc.state))
         except NotFound:
             text = self._text(case_id, outcome="refused", message=f"case {case_id} was not found.")
         self._tell(session, event, p, text)
@@ -157,14 +157,4 @@ class Decisions:
         return self.renderer.block(card.TEMPLATE, "decided",
                                    dict(dict(retry=None, remaining=0, message=""), **context, case_id=case_id))
 
-    def _refusal(self, reason: str, *, message: str, state: str = "") -> str:
-        return self.renderer.block(card.TEMPLATE, "refused", dict(reason=reason, state=state, message=message))
 
-
-def _dict(value) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
-def _value(values: dict, block: str, action: str) -> str | None:
-    value = _dict(_dict(values.get(block)).get(action)).get("value")
-    return value if isinstance(value, str) else None

@@ -9,6 +9,28 @@ from recovery.models import Case
 APPROVE_VIEW, DENY_VIEW = "approve_modal", "deny_modal"
 
 
+def as_dict(value) -> dict:
+    """A payload field that should be an object; anything else reads as empty (bot/slack/gate.py has
+    already refused bodies whose fields have the wrong type, so this is a second belt)."""
+    return value if isinstance(value, dict) else {}
+
+
+def form_values(view: dict) -> dict:
+    """A submitted view's input values, {block_id: {action_id: {...}}}."""
+    return as_dict(as_dict(view.get("state")).get("values"))
+
+
+def form_value(values: dict, block: str, action: str) -> str | None:
+    """The text typed into one input of a submitted form, or None."""
+    value = as_dict(as_dict(values.get(block)).get(action)).get("value")
+    return value if isinstance(value, str) else None
+
+
+def refusal_text(renderer, reason: str, *, message: str = "", state: str = "") -> str:
+    """Why an approver's click or submission changed nothing (the staff template's "refused" block)."""
+    return renderer.block(card.TEMPLATE, "refused", dict(reason=reason, state=state, message=message))
+
+
 def needs_step_up(deps, case: Case) -> bool:
     return bool(case.risk_level) and deps.policy.rule(case.risk_level).step_up
 
