@@ -40,7 +40,6 @@ See docs/performance.md ("Slack approvals") for figures and caveats.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import multiprocessing as mp
@@ -61,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 
+from common import collector_paused  # noqa: E402 - benchmarks/ is on the path when run as a script
 from tests.slack_api import SIGNING_SECRET, FakeSlack, button_click, signed, submission  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -303,17 +303,12 @@ def burst(url: str, bodies: list[str], spread: float = 0.0) -> list[tuple[float,
         out[i] = (sent, time.monotonic(), status)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-    # This process's own garbage collection would stop every clock in the burst at once: the set-up
-    # leaves a large heap here, and one full collection held 50 requests' times up by 0.3 to 1 s.
-    gc.collect()
-    gc.disable()
-    try:
+    # the set-up leaves a large heap here: one full collection held 50 requests' times up by 0.3 to 1 s
+    with collector_paused():
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    finally:
-        gc.enable()
     return out
 
 

@@ -28,7 +28,6 @@ Figures, what dominates them, and caveats: docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import multiprocessing as mp
@@ -49,7 +48,7 @@ from pathlib import Path
 import requests
 from sqlalchemy import create_engine, func, select, text, update
 
-from common import CLK_TCK, process_cpu_seconds  # benchmarks/ is on the path when run as a script
+from common import CLK_TCK, collector_paused, process_cpu_seconds  # benchmarks/ is on the path when run as a script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.helpers import wait_until_answers  # noqa: E402
@@ -389,19 +388,13 @@ def run_clients(concurrency: int, messages: int, setup, loop) -> tuple[list[Clie
         http.close()
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
-    # This process's own garbage collection would stop every client's clock at once (what the clients
-    # make in a phase is mostly freed by reference counting), so it is off while a phase runs.
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_paused():
         for t in threads:
             t.start()
         barrier.wait(timeout=120)
         start = time.perf_counter()
         for t in threads:
             t.join(timeout=PHASE_TIMEOUT + REQUEST_TIMEOUT + REPLY_TIMEOUT)
-    finally:
-        gc.enable()
     return results, time.perf_counter() - start
 
 
