@@ -104,6 +104,7 @@ def serve(demo: bool):
     app = create_app(c)
     server = make_server(c.settings.HOST, c.settings.PORT, app, threaded=True)
     freeze_heap()
+    c.worker.beat()  # ready from the first request on: the worker thread's own first beat can come later
     thread = threading.Thread(target=c.worker.run_forever, name="worker", daemon=True)
     thread.start()
     _start_socket_mode(c)

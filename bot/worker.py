@@ -46,14 +46,19 @@ class Worker:
         if what in (wakeup.EMAIL, wakeup.ANY):
             self.mail_wake.set()
 
+    def beat(self, now=None) -> None:
+        """Say this worker is alive (what the web process's /readyz reads)."""
+        now = now or self.clock.now()
+        with self.db.transaction() as session:
+            heartbeats.beat(session, self.worker_id, now=now, started_at=self.started_at)
+        self._beat_at = now
+
     def _housekeeping(self) -> None:
         """Now and then: say this worker is alive; drop attempt counters older than a day (they can limit
         nothing); and run the daily purge when it is due (any worker may; the first to claim the day does)."""
         now = self.clock.now()
         if self._beat_at is None or now - self._beat_at >= heartbeats.INTERVAL:
-            with self.db.transaction() as session:
-                heartbeats.beat(session, self.worker_id, now=now, started_at=self.started_at)
-            self._beat_at = now
+            self.beat(now)
         if self._pruned_at is None or now - self._pruned_at >= timedelta(minutes=10):
             self._pruned_at = now
             with self.db.transaction() as session:
