@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from recovery import audit, timers, totp
 from recovery.cases import LIVE_ENROLL_LINK, CaseService
-from recovery.crypto import hash_password, new_recovery_codes, new_token, token_hash
+from recovery.crypto import hash_recovery_code, new_recovery_codes, new_token, token_hash
 from recovery.errors import DirectoryError, TokenError, TotpError, WrongPassword
 from recovery.machine import FINAL, State
 from recovery.models import AuditRecord, Case, LinkToken
@@ -181,7 +181,7 @@ class LinkService(CaseService):
         codes = self.deps.keyring.decrypt_json(row.pending_codes_enc)
         try:
             self.directory.replace_factor(case.account_id, secret=secret, step=step,
-                                          recovery_code_hashes=[hash_password(c) for c in codes], case_id=case.id)
+                                          recovery_code_hashes=[hash_recovery_code(c) for c in codes], case_id=case.id)
         except DirectoryError:
             # No clear answer: the directory may have replaced the factor all the same. Kept (the caller
             # commits it) so that the case cannot end as "unchanged" before a retry has settled it.

@@ -177,7 +177,8 @@ class FakeIntercom:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # a short poll, so close() (shutdown) returns within 10 ms rather than socketserver's 0.5 s
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True)
         self.thread.start()
 
     # ---- set-up ----------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ class FakeSlack:
 
         self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # a short poll, so close() (shutdown) returns within 10 ms rather than socketserver's 0.5 s
+        threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
 
     def answer(self, method: str, args: dict) -> dict:
         if method in self.refuse:

@@ -3,12 +3,11 @@ would: a mistyped email, a reload, the real owner disputing a request from a cha
 typed after a lock; plus the stage table itself and the Slack card's layout."""
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 
 import pytest
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from bot.slack import card
 from bot.templates import LOCALES
@@ -18,7 +17,7 @@ from recovery.dialog import RESEND, Dialog, Incoming
 from recovery.models import Case, Conversation, OutboxMessage
 from recovery.stages import EXITS, IllegalMove, Stage
 from tests.conftest import ChatClient, code_in, link_in
-from tests.helpers import account, awaiting_case, folder_mails, last_mail, load_accounts
+from tests.helpers import account, awaiting_case, last_mail, load_accounts
 
 ALEX_ID, ALEX = "acct-1001", "alex@example.com"
 MEI_ID, MEI = "acct-1002", "mei@example.com"

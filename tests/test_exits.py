@@ -10,20 +10,21 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
+import argon2
 import pyotp
 import pytest
 import requests
 from sqlalchemy import func, select
 
 from recovery import totp as totp_mod
-from recovery.crypto import hash_password
+from recovery.crypto import hash_recovery_code
 from recovery.directory.embedded import EmbeddedDirectory
-from recovery.models import AuditRecord, LinkToken, OutboxMessage, WithdrawalHold
+from recovery.models import AuditRecord, LinkToken, OutboxMessage, RecoveryCode, WithdrawalHold
 from tests.account_backend import AccountBackend
 from tests.conftest import ChatClient, code_in, link_in, text_part
 from tests.helpers import awaiting_case, folder_mails, get_case, last_mail, open_case
-from tests.test_security import (ALEX, ALEX_ID, ALEX_PASSWORD, MEI, MEI_ID, audit_events, factor, load_demo,
-                                 manual_clock, setup_over_http, to_link_sent, token_of)
+from tests.test_security import (ALEX, ALEX_ID, ALEX_PASSWORD, audit_events, factor, load_demo, manual_clock,
+                                 setup_over_http, to_link_sent)
 
 
 def give_factor(c, account_id: str) -> pyotp.TOTP:
@@ -31,7 +32,7 @@ def give_factor(c, account_id: str) -> pyotp.TOTP:
     secret = totp_mod.new_secret()
     with c.db.transaction() as s:
         EmbeddedDirectory(s, keyring=c.keyring, clock=c.clock).replace_factor(
-            account_id, secret=secret, step=0, recovery_code_hashes=[hash_password("old-recovery-code")],
+            account_id, secret=secret, step=0, recovery_code_hashes=[hash_recovery_code("old-recovery-code")],
             case_id="initial-enrollment")
     return pyotp.TOTP(secret)
 
@@ -185,6 +186,23 @@ def test_completion_replaces_the_old_factor_in_one_step(bot):
     assert get_case(c, case_id).state == "completed"
     assert not old_factor_logs_in(c, ALEX_ID, bot.app_of_alex)
     assert old_factor_logs_in(c, ALEX_ID, pyotp.TOTP(key))
+    # the codes on the page, and no others, are the account's recovery codes now, as argon2id hashes
+    # that argon2's stock verifier checks (the account service's side of the contract)
+    shown = re.findall(r"\b[0-9a-f]{5}(?:-[0-9a-f]{5}){3}\b", done.text)
+    with c.db.reading() as s:
+        stored = list(s.scalars(select(RecoveryCode.code_hash).where(RecoveryCode.account_id == ALEX_ID)))
+    assert len(set(shown)) == len(stored) == 8
+    assert all(h.startswith("$argon2id$") for h in stored)
+    # eight distinct codes each matching one of eight hashes: one hash per code
+    assert all(any(_verifies(h, code) for h in stored) for code in shown)
+    assert not any(_verifies(h, "old-recovery-code") for h in stored)
+
+
+def _verifies(stored: str, code: str) -> bool:
+    try:
+        return argon2.PasswordHasher().verify(stored, code)
+    except argon2.exceptions.VerificationError:
+        return False
 
 
 def test_the_hold_stays_when_a_case_ends_after_the_link_went_out_and_the_email_says_until_when(bot):
