@@ -138,7 +138,7 @@ def list_messages(session_id: str):
 
 
 def _buttons(renderer, locale: str, keys) -> list[dict]:
-    return [{"label": renderer.button(k, locale), "text": renderer.button(k, locale)} for k in keys]
+    return [{"label": label, "text": label} for label in (renderer.button(k, locale) for k in keys)]
 
 
 class WebChatTranscript:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime
+from functools import cache
 from typing import Callable
 
 from sqlalchemy import func, select
@@ -58,8 +59,10 @@ def store(db, **fields) -> bool:
 Handler = Callable[..., None]
 
 
+@cache
 def _eligible():
-    """The oldest event that is the oldest still waiting in its own conversation.
+    """The oldest event that is the oldest still waiting in its own conversation. Built once: statements
+    are immutable, and building this one (an aliased entity) cost 0.6 ms, a tenth of a web-chat event.
 
     Written as "its id is its conversation's smallest waiting id" rather than "no older event waits":
     the planner turns NOT EXISTS into an anti-join and, trusting statistics that say the queue is empty,
