@@ -12,7 +12,7 @@ import uuid
 
 from babel import Locale
 from flask import Blueprint, current_app, jsonify, request
-from sqlalchemy import select
+from sqlalchemy import and_, bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from bot.http import ApiError, json_body, storable_text
@@ -129,12 +129,22 @@ def list_messages(session_id: str):
     if not SESSION_ID.fullmatch(session_id):
         raise ApiError(404, "unknown_session", "no chat session with that id")
     with c.db.reading() as s:
-        if s.get(ChatSession, session_id) is None:
-            raise ApiError(404, "unknown_session", "no chat session with that id")
-        rows = s.scalars(select(ChatMessage).where(ChatMessage.session_id == session_id,
-                                                   ChatMessage.seq > int(after))
-                         .order_by(ChatMessage.seq).limit(MAX_PAGE)).all()
-        return jsonify(messages=[_message_json(m) for m in rows])
+        rows = s.execute(_PAGE, {"session_id": session_id, "after": int(after)}).all()
+    if not rows:
+        raise ApiError(404, "unknown_session", "no chat session with that id")
+    return jsonify(messages=[{"seq": r.seq, "sender": r.sender, "text": r.text, "buttons": r.buttons or []}
+                             for r in rows if r.seq is not None])
+
+
+# A poll in one statement, built once: the session's row outer-joined to its messages after `after`
+# (no row: no such session; one row of NULLs: nothing new). Open chat pages poll every 0.7 s, and two
+# ORM look-ups cost two round trips and about twice the CPU.
+_PAGE = (select(ChatSession.id, ChatMessage.seq, ChatMessage.sender, ChatMessage.text, ChatMessage.buttons)
+         .select_from(ChatSession)
+         .outerjoin(ChatMessage, and_(ChatMessage.session_id == ChatSession.id,
+                                      ChatMessage.seq > bindparam("after")))
+         .where(ChatSession.id == bindparam("session_id"))
+         .order_by(ChatMessage.seq).limit(MAX_PAGE))
 
 
 def _buttons(renderer, locale: str, keys) -> list[dict]:

@@ -12,7 +12,7 @@ from datetime import datetime
 from functools import cache
 from typing import Callable
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, aliased
 
 from recovery.db import insert_new, is_outage
@@ -61,8 +61,9 @@ Handler = Callable[..., None]
 
 @cache
 def _eligible():
-    """The oldest event that is the oldest still waiting in its own conversation. Built once: statements
-    are immutable, and building this one (an aliased entity) cost 0.6 ms, a tenth of a web-chat event.
+    """The oldest event that is the oldest still waiting in its own conversation. Built once (and so
+    are the variants below): statements are immutable, and building this one (an aliased entity) cost
+    0.6 ms, a tenth of a web-chat event, plus its cache key at each execution. MAX_ATTEMPTS is a constant.
 
     Written as "its id is its conversation's smallest waiting id" rather than "no older event waits":
     the planner turns NOT EXISTS into an anti-join and, trusting statistics that say the queue is empty,
@@ -81,6 +82,29 @@ def _eligible():
             .order_by(InboxEvent.id).limit(1))
 
 
+@cache
+def _claim(locking: bool):
+    """The next eligible event, row-locked with SKIP LOCKED when `locking` (PostgreSQL)."""
+    query = _eligible()
+    return query.with_for_update(skip_locked=True, of=InboxEvent) if locking else query
+
+
+@cache
+def _peek(locking: bool):
+    """What `prepare` needs of the next eligible event. Columns, not the entity: this read needs no ORM
+    identity and it runs once per event."""
+    query = _eligible().with_only_columns(InboxEvent.id, InboxEvent.source, InboxEvent.payload)
+    return query.with_for_update(skip_locked=True, of=InboxEvent) if locking else query
+
+
+@cache
+def _claim_peeked(locking: bool):
+    """The event a peek found (bound as `wanted`), if it is still waiting."""
+    query = select(InboxEvent).where(InboxEvent.id == bindparam("wanted"), InboxEvent.processed_at.is_(None),
+                                     InboxEvent.attempts < MAX_ATTEMPTS)
+    return query.with_for_update(skip_locked=True, of=InboxEvent) if locking else query
+
+
 def process_one(db, handler: Handler, now_fn) -> bool:
     """Process the next eligible event in its own transaction; False when there is none.
 
@@ -92,30 +116,23 @@ def process_one(db, handler: Handler, now_fn) -> bool:
     prepare = getattr(handler, "prepare", None)
     prepared, wanted = None, None
     if prepare is not None:
-        # Columns, not the entity: this read needs no ORM identity and it runs once per event.
-        peek_query = _eligible().with_only_columns(InboxEvent.id, InboxEvent.source, InboxEvent.payload)
-        if db.is_postgres:
-            # Skip what another worker holds: an unlocked peek would see the event that worker is
-            # processing, fail to claim it below, and peek it again, spinning until that worker commits
-            # (two workers then drained no faster than one). The lock ends with this short transaction,
-            # so two workers can still peek the same event; the locked claim below decides which one
-            # processes it, and the other only wasted its `prepare`. The peek is rolled back, not
-            # committed: a commit of a transaction that locked a row waits for a WAL flush.
-            peek_query = peek_query.with_for_update(skip_locked=True, of=InboxEvent)
+        # On PostgreSQL the peek skips what another worker holds: an unlocked peek would see the event
+        # that worker is processing, fail to claim it below, and peek it again, spinning until that
+        # worker commits (two workers then drained no faster than one). The lock ends with this short
+        # transaction, so two workers can still peek the same event; the locked claim below decides
+        # which one processes it, and the other only wasted its `prepare`. The peek is rolled back, not
+        # committed: a commit of a transaction that locked a row waits for a WAL flush.
         with db.reading() as session:
-            peek = session.execute(peek_query).first()
+            peek = session.execute(_peek(db.is_postgres)).first()
             if peek is None:
                 return False
             wanted, source, payload = peek.id, peek.source, dict(peek.payload)
         prepared = prepare(source, payload)
-    query = _eligible() if wanted is None else select(InboxEvent).where(
-        InboxEvent.id == wanted, InboxEvent.processed_at.is_(None), InboxEvent.attempts < MAX_ATTEMPTS)
-    if db.is_postgres:
-        query = query.with_for_update(skip_locked=True, of=InboxEvent)
+    query = _claim(db.is_postgres) if wanted is None else _claim_peeked(db.is_postgres)
     event_id = None
     try:
         with db.transaction() as session:
-            event = session.scalar(query)
+            event = session.scalar(query, None if wanted is None else {"wanted": wanted})
             if event is None:
                 return wanted is not None  # another worker took the peeked event: try the next
             event_id = event.id

@@ -87,7 +87,8 @@ def sqlite_template(tmp_path_factory):
     dbmod.upgrade(f"sqlite:///{path}")
     # fold the write-ahead log into the file, so the file alone is the whole database
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0 and not path.with_name("bot.db-wal").exists(), "the template's log was not folded in"
     return path
 
 

@@ -143,6 +143,7 @@ class FakeSlack:
 
     def close(self):
         self.server.shutdown()
+        self.server.server_close()
 
 
 def signed(body: str, *, secret: str = SIGNING_SECRET, timestamp: int | None = None,

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from bot.web import MAX_BODY, create_app
-from bot.webchat import MAX_TEXT
+from bot.webchat import MAX_PAGE, MAX_TEXT
+from recovery.models import ChatMessage
 from tests.conftest import link_in
 from tests.helpers import awaiting_case, last_mail, load_demo
 
@@ -183,6 +184,29 @@ def test_good_after_param_pages_the_transcript(chat):
     assert [m["sender"] for m in greeting] == ["bot"]
     assert chat.client.get(f"{chat.messages}?after=0").get_json()["messages"] == greeting
     assert chat.client.get(f"{chat.messages}?after={10**17}").get_json()["messages"] == []
+
+
+def test_a_poll_reads_its_own_session_in_order_a_page_at_a_time(chat):
+    """A poll returns up to MAX_PAGE of this session's messages after `after`, in order, with their
+    buttons; never another session's, however the two interleave."""
+    other = chat.client.post("/chat/api/sessions", json={"locale": "en"}).get_json()["session_id"]
+    with chat.c.db.transaction() as s:
+        for i in range(2 * MAX_PAGE + 10):
+            s.add(ChatMessage(session_id=(chat.sid, other)[i % 2], sender="bot", text=f"m{i}",
+                              buttons=[{"label": "Yes", "text": "Yes"}] if i == 4 else [],
+                              created_at=chat.c.clock.now()))
+    pages, after = [], 0
+    while True:
+        page = chat.client.get(f"{chat.messages}?after={after}").get_json()["messages"]
+        if not page:
+            break
+        pages.append(page)
+        after = page[-1]["seq"]
+    read = [m for page in pages for m in page]
+    assert [len(p) for p in pages] == [MAX_PAGE, 6]  # the greeting and 205 of the 410
+    assert [m["text"] for m in read[1:]] == [f"m{i}" for i in range(0, 2 * MAX_PAGE + 10, 2)]
+    assert [m["seq"] for m in read] == sorted({m["seq"] for m in read})
+    assert read[3]["buttons"] == [{"label": "Yes", "text": "Yes"}] and read[2]["buttons"] == []
 
 
 WRONG_METHODS = [("GET", "/chat/api/sessions", "POST"), ("PUT", "/chat/api/sessions", "POST"),

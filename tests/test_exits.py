@@ -193,6 +193,9 @@ def test_completion_replaces_the_old_factor_in_one_step(bot):
         stored = list(s.scalars(select(RecoveryCode.code_hash).where(RecoveryCode.account_id == ALEX_ID)))
     assert len(set(shown)) == len(stored) == 8
     assert all(h.startswith("$argon2id$") for h in stored)
+    # OWASP's minimum argon2id cost (80 random bits need no more), not the password default
+    assert {(p.time_cost, p.memory_cost, p.parallelism) for p in map(argon2.extract_parameters, stored)} \
+        == {(2, 19 * 1024, 1)}
     # eight distinct codes each matching one of eight hashes: one hash per code
     assert all(any(_verifies(h, code) for h in stored) for code in shown)
     assert not any(_verifies(h, "old-recovery-code") for h in stored)
