@@ -72,7 +72,7 @@ def claim_queries(now: datetime) -> dict:
                              O.lease_until.is_(None) | (O.lease_until < now),
                              O.kind.not_in(("email",)))
              .order_by(O.id).limit(50).with_for_update(skip_locked=True))
-    return {"inbox claim": inbox._eligible().with_for_update(skip_locked=True, of=InboxEvent),
+    return {"inbox claim": inbox._eligible().with_for_update(skip_locked=True, of=InboxEvent).params(now=now),
             "timers claim": timers.due(now).with_for_update(skip_locked=True),
             "outbox lease": lease}
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Callable
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from recovery.db import insert_new, is_outage
+from recovery.errors import DirectoryError
 from recovery.models import InboxEvent
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,12 @@ MAX_ATTEMPTS = 5
 CUT_OFF_LIMIT = 3
 _cut_off: dict[tuple[str, int], int] = {}  # (database, event id) -> lost connections in a row
 _cut_off_lock = threading.Lock()
+# An event that failed because another service did not answer (DirectoryError: the account API down or
+# slow) waits this long before its next attempt, by attempts used so far, instead of being retried at
+# once: a few seconds of outage would otherwise use up all its attempts, and the customer's message would
+# never be answered. Its conversation waits behind it (order is kept); others go on. The last attempt
+# comes about 5 minutes after the first failure. Other failures (a bug, bad data) are retried at once.
+OUTAGE_RETRY_SECONDS = (5, 15, 60, 240)
 
 
 def add(session: Session, *, source: str, delivery_key: str, conversation_key: str, payload: dict,
@@ -78,7 +85,8 @@ def _eligible():
                               .scalar_subquery())
     return (select(InboxEvent)
             .where(InboxEvent.processed_at.is_(None), InboxEvent.attempts < MAX_ATTEMPTS,
-                   InboxEvent.id == oldest_in_conversation)
+                   InboxEvent.id == oldest_in_conversation,
+                   or_(InboxEvent.retry_at.is_(None), InboxEvent.retry_at <= bindparam("now")))
             .order_by(InboxEvent.id).limit(1))
 
 
@@ -99,9 +107,10 @@ def _peek(locking: bool):
 
 @cache
 def _claim_peeked(locking: bool):
-    """The event a peek found (bound as `wanted`), if it is still waiting."""
+    """The event a peek found (bound as `wanted`), if it is still waiting and due."""
     query = select(InboxEvent).where(InboxEvent.id == bindparam("wanted"), InboxEvent.processed_at.is_(None),
-                                     InboxEvent.attempts < MAX_ATTEMPTS)
+                                     InboxEvent.attempts < MAX_ATTEMPTS,
+                                     or_(InboxEvent.retry_at.is_(None), InboxEvent.retry_at <= bindparam("now")))
     return query.with_for_update(skip_locked=True, of=InboxEvent) if locking else query
 
 
@@ -123,16 +132,18 @@ def process_one(db, handler: Handler, now_fn) -> bool:
         # which one processes it, and the other only wasted its `prepare`. The peek is rolled back, not
         # committed: a commit of a transaction that locked a row waits for a WAL flush.
         with db.reading() as session:
-            peek = session.execute(_peek(db.is_postgres)).first()
+            peek = session.execute(_peek(db.is_postgres), {"now": now_fn()}).first()
             if peek is None:
                 return False
             wanted, source, payload = peek.id, peek.source, dict(peek.payload)
         prepared = prepare(source, payload)
-    query = _claim(db.is_postgres) if wanted is None else _claim_peeked(db.is_postgres)
+    query, params = _claim(db.is_postgres), {"now": now_fn()}
+    if wanted is not None:
+        query, params["wanted"] = _claim_peeked(db.is_postgres), wanted
     event_id = None
     try:
         with db.transaction() as session:
-            event = session.scalar(query, None if wanted is None else {"wanted": wanted})
+            event = session.scalar(query, params)
             if event is None:
                 return wanted is not None  # another worker took the peeked event: try the next
             event_id = event.id
@@ -160,7 +171,10 @@ def process_one(db, handler: Handler, now_fn) -> bool:
             raise
         log.exception("inbox event %s failed", event_id)
         with db.transaction() as session:
-            _failed(session, session.get(InboxEvent, event_id), f"{type(exc).__name__}: {exc}", handler)
+            event = session.get(InboxEvent, event_id)
+            _failed(session, event, f"{type(exc).__name__}: {exc}", handler)
+            if isinstance(exc, DirectoryError) and event.attempts < MAX_ATTEMPTS:
+                event.retry_at = now_fn() + timedelta(seconds=OUTAGE_RETRY_SECONDS[event.attempts - 1])
         return True
 
 

@@ -231,6 +231,8 @@ class InboxEvent(Base):
     processed_at: Mapped[datetime | None] = ts()
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # not before this time: set after a failure caused by a service that did not answer (recovery/inbox.py)
+    retry_at: Mapped[datetime | None] = ts()
 
 
 class OutboxMessage(Base):

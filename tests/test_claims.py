@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -17,6 +18,8 @@ from sqlalchemy import create_engine, event, inspect, text
 
 from benchmarks.history_seed import TABLES, seed
 from recovery import db as dbmod, inbox, timers
+from recovery.clock import ManualClock
+from recovery.errors import DirectoryError
 from recovery.models import InboxEvent
 from recovery.outbox import EMAIL_LANE, OTHER_LANE
 from tests.conftest import PG_ADMIN_URL, scratch_pg_database
@@ -205,6 +208,54 @@ def test_inbox_keeps_each_conversation_in_order_through_failures(any_db_url, mak
         assert rows["a1"].payload == {"key": "a1"}  # the redelivery changed nothing
         assert rows["c1"].processed_at is None and rows["c1"].attempts == inbox.MAX_ATTEMPTS
         assert all(rows[k].processed_at is not None for k in ("a1", "b1", "a2", "c2"))
+
+
+def test_an_event_failed_by_an_unavailable_service_waits_before_its_next_attempt(any_db_url, make_container):
+    """A DirectoryError (the account API not answering) holds the event back for OUTAGE_RETRY_SECONDS
+    instead of using up its attempts at once; its conversation waits behind it, others go on; it is
+    handled once the service answers, and parked only after MAX_ATTEMPTS spread over minutes."""
+    clock = ManualClock()
+    c = make_container(any_db_url, clock=clock)
+    for key, conversation in [("a1", "a"), ("b1", "b"), ("a2", "a"), ("c1", "c")]:
+        assert inbox.store(c.db, source="test", delivery_key=key, conversation_key=conversation,
+                           payload={"key": key}, now=clock.now())
+    handled: list[str] = []
+    down = {"a1": 1, "c1": inbox.MAX_ATTEMPTS}  # a1's service answers on the second try; c1's never
+
+    def handler(session, ev):
+        key = ev.payload["key"]
+        handled.append(key)
+        if down.get(key, 0) > 0:
+            down[key] -= 1
+            raise DirectoryError("account lookup by email: unexpected HTTP 503")
+
+    def drain() -> None:
+        while inbox.process_one(c.db, handler, clock.now):
+            pass
+
+    def row(key: str):
+        with c.db.reading() as session:
+            e = session.query(InboxEvent).filter_by(delivery_key=key).one()
+            return SimpleNamespace(retry_at=e.retry_at, processed_at=e.processed_at, attempts=e.attempts,
+                                   last_error=e.last_error)
+
+    drain()
+    assert handled == ["a1", "b1", "c1"]  # a2 waits behind a1
+    assert row("a1").retry_at == clock.now() + timedelta(seconds=inbox.OUTAGE_RETRY_SECONDS[0])
+    clock.advance(seconds=inbox.OUTAGE_RETRY_SECONDS[0] - 1)
+    drain()
+    assert handled == ["a1", "b1", "c1"]  # not yet
+    clock.advance(seconds=1)
+    drain()
+    assert handled == ["a1", "b1", "c1", "a1", "a2", "c1"]  # in id order
+    assert row("a1").processed_at is not None and row("a1").attempts == 1
+    for wait in inbox.OUTAGE_RETRY_SECONDS[1:]:
+        assert row("c1").retry_at == clock.now() + timedelta(seconds=wait)
+        clock.advance(seconds=wait)
+        drain()
+    failed = row("c1")
+    assert handled.count("c1") == inbox.MAX_ATTEMPTS
+    assert failed.processed_at is None and failed.attempts == inbox.MAX_ATTEMPTS and "503" in failed.last_error
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -604,3 +604,30 @@ def test_an_event_given_up_between_its_peek_and_its_claim_is_not_handled(make_co
     with c.db.transaction() as s:
         event = s.scalar(select(InboxEvent))
         assert event.processed_at is None and event.attempts == inbox.MAX_ATTEMPTS
+
+
+def test_a_short_account_service_outage_delays_a_reply_and_loses_nothing(sqlite_url, live):
+    """The account API down for 2 s while a customer gives their address: the message is tried again after
+    OUTAGE_RETRY_SECONDS[0] rather than used up in a second, and the customer gets the usual reply."""
+    from tests.account_backend import AccountBackend
+
+    backend = AccountBackend()
+    backend.add({"id": "acct-1001", "email": "alex@example.com", "locale": "en", "created_at": "2023-05-02T08:00:00Z",
+                 "totp_enabled": True, "facts": {"first_deposit_month": "2023-05", "last_withdrawal_currency": "USDT"}})
+    server = live(sqlite_url, **backend.settings())
+    try:
+        chat = ChatClient(server.url)
+        assert "email address" in chat.ask("I lost my authenticator")
+        backend.failing.add("accounts/lookup")
+        back = threading.Timer(2.0, backend.failing.clear)
+        back.start()
+        started = time.monotonic()
+        assert "emailed it a 6-digit verification code" in chat.ask("alex@example.com", timeout=20)
+        waited = time.monotonic() - started
+        with server.container.db.reading() as s:
+            attempts = {e.delivery_key: (e.attempts, e.processed_at is not None) for e in s.scalars(select(InboxEvent))}
+    finally:
+        back.cancel()
+        backend.close()
+    assert inbox.OUTAGE_RETRY_SECONDS[0] <= waited < inbox.OUTAGE_RETRY_SECONDS[0] + 5, waited
+    assert sorted(attempts.values()) == [(0, True), (1, True)], attempts
