@@ -84,6 +84,11 @@ class DirectoryError(RecoveryError):
     """The account directory failed or answered something we cannot use."""
 
 
+class DirectoryUnavailable(DirectoryError):
+    """The account directory did not answer (no connection, no answer in time, HTTP 5xx or 429): worth
+    trying again in a while, unlike an answer we cannot use (a refused token, a malformed body)."""
+
+
 class ImportProblem(RecoveryError):
     """An account import file is bad; `where` names the record (e.g. accounts[3].email)."""
 

@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from recovery.db import insert_new, is_outage
-from recovery.errors import DirectoryError
+from recovery.errors import DirectoryUnavailable
 from recovery.models import InboxEvent
 
 log = logging.getLogger(__name__)
@@ -28,11 +28,13 @@ MAX_ATTEMPTS = 5
 CUT_OFF_LIMIT = 3
 _cut_off: dict[tuple[str, int], int] = {}  # (database, event id) -> lost connections in a row
 _cut_off_lock = threading.Lock()
-# An event that failed because another service did not answer (DirectoryError: the account API down or
-# slow) waits this long before its next attempt, by attempts used so far, instead of being retried at
-# once: a few seconds of outage would otherwise use up all its attempts, and the customer's message would
-# never be answered. Its conversation waits behind it (order is kept); others go on. The last attempt
-# comes about 5 minutes after the first failure. Other failures (a bug, bad data) are retried at once.
+# An event that failed because another service did not answer waits this long before its next attempt, by
+# attempts used so far, instead of being retried at once: a few seconds of outage would otherwise use up
+# all its attempts, and the customer's message would never be answered. That is a DirectoryUnavailable
+# from the handler (the account API refused the connection, timed out, or answered 5xx or 429), or any
+# failure of a `prepare` step (its network calls, e.g. a Slack look-up). Its conversation waits behind it
+# (order is kept); others go on. The last attempt comes about 5 minutes after the first failure. Other
+# failures (a bug, bad data, a refused token) are retried at once: waiting would not change them.
 OUTAGE_RETRY_SECONDS = (5, 15, 60, 240)
 
 
@@ -136,7 +138,20 @@ def process_one(db, handler: Handler, now_fn) -> bool:
             if peek is None:
                 return False
             wanted, source, payload = peek.id, peek.source, dict(peek.payload)
-        prepared = prepare(source, payload)
+        try:
+            prepared = prepare(source, payload)
+        except Exception as exc:  # noqa: BLE001 - another service failing must not stop the queue
+            if is_outage(exc):
+                raise
+            # Counted and held back like an unanswered account API; before, the pass failed and the next
+            # one peeked the same event first, so one failing look-up held up every conversation.
+            log.exception("inbox event %s: its preparation failed", wanted)
+            with db.transaction() as session:
+                event = session.scalar(_claim_peeked(db.is_postgres), {"now": now_fn(), "wanted": wanted})
+                if event is not None:  # else another worker holds it, or it is already done
+                    _failed(session, event, f"{type(exc).__name__}: {exc}", handler)
+                    _retry_later(event, now_fn())
+            return True
     query, params = _claim(db.is_postgres), {"now": now_fn()}
     if wanted is not None:
         query, params["wanted"] = _claim_peeked(db.is_postgres), wanted
@@ -173,9 +188,16 @@ def process_one(db, handler: Handler, now_fn) -> bool:
         with db.transaction() as session:
             event = session.get(InboxEvent, event_id)
             _failed(session, event, f"{type(exc).__name__}: {exc}", handler)
-            if isinstance(exc, DirectoryError) and event.attempts < MAX_ATTEMPTS:
-                event.retry_at = now_fn() + timedelta(seconds=OUTAGE_RETRY_SECONDS[event.attempts - 1])
+            if isinstance(exc, DirectoryUnavailable):
+                _retry_later(event, now_fn())
         return True
+
+
+def _retry_later(event: InboxEvent, now: datetime) -> None:
+    """Hold a failed event back before its next attempt (OUTAGE_RETRY_SECONDS); none after its last."""
+    if event.attempts < MAX_ATTEMPTS:
+        wait = OUTAGE_RETRY_SECONDS[min(event.attempts, len(OUTAGE_RETRY_SECONDS)) - 1]
+        event.retry_at = now + timedelta(seconds=wait)
 
 
 def _failed(session: Session, event: InboxEvent, error: str, handler) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, event, inspect, text
 from benchmarks.history_seed import TABLES, seed
 from recovery import db as dbmod, inbox, timers
 from recovery.clock import ManualClock
-from recovery.errors import DirectoryError
+from recovery.errors import DirectoryUnavailable
 from recovery.models import InboxEvent
 from recovery.outbox import EMAIL_LANE, OTHER_LANE
 from tests.conftest import PG_ADMIN_URL, scratch_pg_database
@@ -211,7 +211,7 @@ def test_inbox_keeps_each_conversation_in_order_through_failures(any_db_url, mak
 
 
 def test_an_event_failed_by_an_unavailable_service_waits_before_its_next_attempt(any_db_url, make_container):
-    """A DirectoryError (the account API not answering) holds the event back for OUTAGE_RETRY_SECONDS
+    """A DirectoryUnavailable (the account API not answering) holds the event back for OUTAGE_RETRY_SECONDS
     instead of using up its attempts at once; its conversation waits behind it, others go on; it is
     handled once the service answers, and parked only after MAX_ATTEMPTS spread over minutes."""
     clock = ManualClock()
@@ -227,7 +227,7 @@ def test_an_event_failed_by_an_unavailable_service_waits_before_its_next_attempt
         handled.append(key)
         if down.get(key, 0) > 0:
             down[key] -= 1
-            raise DirectoryError("account lookup by email: unexpected HTTP 503")
+            raise DirectoryUnavailable("account lookup by email: HTTP 503, the backend is unavailable")
 
     def drain() -> None:
         while inbox.process_one(c.db, handler, clock.now):
@@ -256,6 +256,42 @@ def test_an_event_failed_by_an_unavailable_service_waits_before_its_next_attempt
     failed = row("c1")
     assert handled.count("c1") == inbox.MAX_ATTEMPTS
     assert failed.processed_at is None and failed.attempts == inbox.MAX_ATTEMPTS and "503" in failed.last_error
+
+
+def test_a_failing_preparation_is_counted_and_held_back_and_the_queue_goes_on(any_db_url, make_container):
+    """A `prepare` step (network calls before the transaction) that raises used to fail the whole pass
+    without counting an attempt, so the next pass peeked the same event first and every conversation
+    waited for as long as that service failed. It now counts an attempt and holds that event back."""
+    clock = ManualClock()
+    c = make_container(any_db_url, clock=clock)
+    for key, conversation in [("x1", "x"), ("y1", "y"), ("x2", "x")]:
+        assert inbox.store(c.db, source="test", delivery_key=key, conversation_key=conversation,
+                           payload={"key": key}, now=clock.now())
+    failing, handled = {"x1"}, []
+
+    class Handler:
+        def prepare(self, source, payload):
+            if payload["key"] in failing:
+                raise RuntimeError("users.lookupByEmail: ratelimited")
+            return payload["key"]
+
+        def __call__(self, session, event, prepared):
+            handled.append(prepared)
+
+    def drain() -> None:
+        while inbox.process_one(c.db, Handler(), clock.now):
+            pass
+
+    drain()
+    assert handled == ["y1"]  # x2 waits behind x1
+    with c.db.reading() as session:
+        x1 = session.query(InboxEvent).filter_by(delivery_key="x1").one()
+        assert (x1.attempts, x1.processed_at) == (1, None) and "ratelimited" in x1.last_error
+        assert x1.retry_at == clock.now() + timedelta(seconds=inbox.OUTAGE_RETRY_SECONDS[0])
+    failing.clear()
+    clock.advance(seconds=inbox.OUTAGE_RETRY_SECONDS[0])
+    drain()
+    assert handled == ["y1", "x1", "x2"]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

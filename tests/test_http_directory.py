@@ -12,7 +12,7 @@ import pytest
 
 from recovery.directory.http import HttpDirectory
 from recovery.directory.interfaces import AccountProfile, SecurityEvent
-from recovery.errors import ClockOutOfSync, ConfigError, DirectoryError
+from recovery.errors import ClockOutOfSync, ConfigError, DirectoryError, DirectoryUnavailable
 
 TOKEN = "tok-s3cr3t-never-shown"
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
@@ -211,10 +211,17 @@ def test_verify_totp_clock_skew_raises(backend, directory):
 # ---- failures -----------------------------------------------------------------------------------
 
 def test_server_error_is_directory_error(backend, directory):
-    """A 5xx answer raises DirectoryError naming the status."""
-    backend.routes[("GET", "/api/v1/accounts/acct-1001")] = (500, {"error": "boom"})
-    with pytest.raises(DirectoryError, match="500"):
-        directory.get("acct-1001")
+    """A 5xx or 429 answer raises DirectoryUnavailable (worth trying again later) naming the status; a
+    refused token, an unexpected 4xx or a malformed body raise a DirectoryError that is not one."""
+    for status in (500, 502, 503, 429):
+        backend.routes[("GET", "/api/v1/accounts/acct-1001")] = (status, {"error": "boom"})
+        with pytest.raises(DirectoryUnavailable, match=str(status)):
+            directory.get("acct-1001")
+    for status, body in ((401, {}), (400, {}), (409, {}), (200, {"not": "an account"})):
+        backend.routes[("GET", "/api/v1/accounts/acct-1001")] = (status, body)
+        with pytest.raises(DirectoryError) as caught:
+            directory.get("acct-1001")
+        assert not isinstance(caught.value, DirectoryUnavailable), (status, caught.value)
 
 
 def test_malformed_json_is_directory_error(backend, directory):
@@ -247,7 +254,7 @@ def test_connection_refused_is_directory_error():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     directory = HttpDirectory(base_url=f"http://127.0.0.1:{port}", token=TOKEN, timeout=1.0)
-    with pytest.raises(DirectoryError) as caught:
+    with pytest.raises(DirectoryUnavailable) as caught:
         directory.verify_password("acct-1001", "hunter2")
     assert TOKEN not in str(caught.value) and "hunter2" not in str(caught.value)
 
@@ -256,7 +263,7 @@ def test_timeout_is_directory_error(backend):
     """A backend slower than the timeout raises DirectoryError saying so."""
     backend.delay = 0.5
     directory = HttpDirectory(base_url=backend.url, token=TOKEN, timeout=0.1)
-    with pytest.raises(DirectoryError, match="no answer") as caught:
+    with pytest.raises(DirectoryUnavailable, match="no answer") as caught:
         directory.replace_factor("acct-1001", secret="JBSWY3DPEHPK3PXP", step=1, recovery_code_hashes=[],
                                  case_id="case-9")
     assert TOKEN not in str(caught.value) and "JBSWY3DPEHPK3PXP" not in str(caught.value)

@@ -15,7 +15,7 @@ import requests
 
 from recovery import totp
 from recovery.directory.interfaces import AccountProfile, SecurityEvent
-from recovery.errors import ClockOutOfSync, ConfigError, DirectoryError
+from recovery.errors import ClockOutOfSync, ConfigError, DirectoryError, DirectoryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,9 @@ class HttpDirectory:
             resp = self.session.request(method, self.base_url + path, json=body, headers=headers,
                                         timeout=self.timeout, allow_redirects=False)
         except requests.Timeout:
-            raise DirectoryError(f"{what}: no answer within {self.timeout:g} s") from None
+            raise DirectoryUnavailable(f"{what}: no answer within {self.timeout:g} s") from None
         except requests.RequestException as exc:
-            raise DirectoryError(f"{what}: request failed ({type(exc).__name__})") from None
+            raise DirectoryUnavailable(f"{what}: request failed ({type(exc).__name__})") from None
         status = resp.status_code
         log.debug("%s -> %s", what, status)
         if status in (401, 403):
@@ -77,6 +77,8 @@ class HttpDirectory:
     def _expect(self, status: int, ok: tuple[int, ...], what: str) -> None:
         if status == 404:
             raise DirectoryError(f"{what}: no such account (HTTP 404)")
+        if status >= 500 or status == 429:
+            raise DirectoryUnavailable(f"{what}: HTTP {status}, the backend is unavailable")
         if status not in ok:
             raise DirectoryError(f"{what}: unexpected HTTP {status}")
 
