@@ -31,9 +31,13 @@ def make_handler(deps, keyring, *, intercom=None, slack=None):
             raise ValueError(f"no handler for inbox source {event.source!r}")
 
     def give_up(session: Session, event: InboxEvent) -> None:
-        """The event failed for the last time: an approver still waiting on their submission is told."""
+        """The event failed for the last time: an approver still waiting on their submission is told, and
+        so is a customer whose message got no reply."""
         if event.source == "slack" and slack is not None:
             slack.give_up(session, event)
+        elif event.source in ("webchat", "intercom"):
+            Dialog(session, deps).not_handled(event.conversation_key, turn=str(event.id),
+                                              locale=(event.payload or {}).get("locale"))
 
     if intercom is not None:  # only Intercom events have network work to do before the transaction
         handle.prepare = prepare

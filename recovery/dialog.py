@@ -97,6 +97,16 @@ class Dialog:
             self.s.add(conv)
         return conv
 
+    def not_handled(self, conversation_key: str, turn: str, locale: str | None = None) -> None:
+        """A customer's message failed for the last time (recovery.inbox gave up on it): say so, rather
+        than leave them waiting for a reply that will never come. Keyed by the turn, so said once."""
+        conv = self.s.get(Conversation, conversation_key)
+        if conv is not None:
+            locale = conv.locale
+        self.cases.notify.chat(None, conversation_key, "not_handled",
+                               locale=locale if locale in ("en", "zh-TW") else "en",
+                               key=f"{conversation_key}:{turn}:not-handled")
+
     def say(self, conv: Conversation, message: str, *buttons: str, **context) -> None:
         self.cases.notify.chat(None, conv.key, message, locale=conv.locale, buttons=buttons,
                                key=f"{conv.key}:{self._turn}:{self._n}", **context)

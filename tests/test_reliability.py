@@ -631,3 +631,51 @@ def test_a_short_account_service_outage_delays_a_reply_and_loses_nothing(sqlite_
         backend.close()
     assert inbox.OUTAGE_RETRY_SECONDS[0] <= waited < inbox.OUTAGE_RETRY_SECONDS[0] + 5, waited
     assert sorted(attempts.values()) == [(0, True), (1, True)], attempts
+
+
+def test_a_message_given_up_on_tells_the_customer_and_the_next_one_is_answered(sqlite_url, make_container):
+    """The account API down for good: the customer's message is tried MAX_ATTEMPTS times over about five
+    minutes, then the customer is told once that it could not be acted on (never left waiting in
+    silence), and their next message, once the service is back, is answered as usual."""
+    from bot.web import create_app
+    from tests.account_backend import AccountBackend
+
+    backend = AccountBackend()
+    backend.add({"id": "acct-1001", "email": "alex@example.com", "locale": "en", "created_at": "2023-05-02T08:00:00Z",
+                 "totp_enabled": True, "facts": {"first_deposit_month": "2023-05", "last_withdrawal_currency": "USDT"}})
+    clock = ManualClock()
+    try:
+        c = make_container(sqlite_url, clock=clock, **backend.settings())
+        client = create_app(c).test_client()
+        sid = client.post("/chat/api/sessions", json={"locale": "en"}).get_json()["session_id"]
+
+        def say(text: str) -> None:
+            assert client.post(f"/chat/api/sessions/{sid}/messages", json={"text": text}).status_code == 202
+            c.worker.drain()
+
+        def bot_lines() -> list[str]:
+            return [m["text"] for m in client.get(f"/chat/api/sessions/{sid}/messages").get_json()["messages"]
+                    if m["sender"] == "bot"]
+
+        say("I lost my authenticator")
+        before = bot_lines()
+        backend.failing.add("accounts/lookup")
+        say("alex@example.com")
+        for wait in inbox.OUTAGE_RETRY_SECONDS:
+            assert bot_lines() == before  # nothing yet: the message waits for its next attempt
+            clock.advance(seconds=wait)
+            c.worker.drain()
+        told = bot_lines()[len(before):]
+        assert told == ["Sorry, something went wrong on our side and I couldn't act on your last message. "
+                        "Please try again in a few minutes."], told
+        with c.db.reading() as s:
+            given_up = s.scalars(select(InboxEvent).where(InboxEvent.attempts >= inbox.MAX_ATTEMPTS)).all()
+            assert len(given_up) == 1 and "503" in given_up[0].last_error
+        clock.advance(seconds=3600)
+        c.worker.drain()
+        assert bot_lines()[len(before):] == told  # said once
+        backend.failing.clear()
+        say("alex@example.com")
+        assert len(bot_lines()) == len(before) + 2 and "6" in bot_lines()[-1]
+    finally:
+        backend.close()
