@@ -33,7 +33,8 @@ def _c():
     return current_app.extensions["recoverybot"]
 
 
-def _message_json(m: ChatMessage) -> dict:
+def _message_json(m) -> dict:
+    """A transcript line as the chat API gives it, from a ChatMessage or a row with the same columns."""
     return {"seq": m.seq, "sender": m.sender, "text": m.text, "buttons": m.buttons or []}
 
 
@@ -132,8 +133,7 @@ def list_messages(session_id: str):
         rows = s.execute(_PAGE, {"session_id": session_id, "after": int(after)}).all()
     if not rows:
         raise ApiError(404, "unknown_session", "no chat session with that id")
-    return jsonify(messages=[{"seq": r.seq, "sender": r.sender, "text": r.text, "buttons": r.buttons or []}
-                             for r in rows if r.seq is not None])
+    return jsonify(messages=[_message_json(r) for r in rows if r.seq is not None])
 
 
 # A poll in one statement, built once: the session's row outer-joined to its messages after `after`

@@ -82,6 +82,11 @@ class Incoming:
     meta: dict = field(default_factory=dict)
 
 
+def _known_locale(locale: str | None) -> str:
+    """A language the conversation can be held in; English for anything else."""
+    return locale if locale in ("en", "zh-TW") else "en"
+
+
 class Dialog:
     def __init__(self, session: Session, deps: Deps):
         self.s, self.deps = session, deps
@@ -92,7 +97,7 @@ class Dialog:
         conv = self.s.get(Conversation, msg.conversation_key, with_for_update=True)
         if conv is None:
             conv = Conversation(key=msg.conversation_key, channel=msg.channel,
-                                locale=msg.locale if msg.locale in ("en", "zh-TW") else "en",
+                                locale=_known_locale(msg.locale),
                                 stage=Stage.IDLE.value, data={}, created_at=self.now, updated_at=self.now)
             self.s.add(conv)
         return conv
@@ -103,8 +108,7 @@ class Dialog:
         conv = self.s.get(Conversation, conversation_key)
         if conv is not None:
             locale = conv.locale
-        self.cases.notify.chat(None, conversation_key, "not_handled",
-                               locale=locale if locale in ("en", "zh-TW") else "en",
+        self.cases.notify.chat(None, conversation_key, "not_handled", locale=_known_locale(locale),
                                key=f"{conversation_key}:{turn}:not-handled")
 
     def say(self, conv: Conversation, message: str, *buttons: str, **context) -> None:

@@ -85,11 +85,14 @@ def _eligible():
                               .where(first.conversation_key == InboxEvent.conversation_key,
                                      first.processed_at.is_(None), first.attempts < MAX_ATTEMPTS)
                               .scalar_subquery())
-    return (select(InboxEvent)
-            .where(InboxEvent.processed_at.is_(None), InboxEvent.attempts < MAX_ATTEMPTS,
-                   InboxEvent.id == oldest_in_conversation,
-                   or_(InboxEvent.retry_at.is_(None), InboxEvent.retry_at <= bindparam("now")))
+    return (select(InboxEvent).where(*_due(), InboxEvent.id == oldest_in_conversation)
             .order_by(InboxEvent.id).limit(1))
+
+
+def _due() -> tuple:
+    """An event still waiting (not processed, attempts left) and not held back past `now` (bound)."""
+    return (InboxEvent.processed_at.is_(None), InboxEvent.attempts < MAX_ATTEMPTS,
+            or_(InboxEvent.retry_at.is_(None), InboxEvent.retry_at <= bindparam("now")))
 
 
 @cache
@@ -110,9 +113,7 @@ def _peek(locking: bool):
 @cache
 def _claim_peeked(locking: bool):
     """The event a peek found (bound as `wanted`), if it is still waiting and due."""
-    query = select(InboxEvent).where(InboxEvent.id == bindparam("wanted"), InboxEvent.processed_at.is_(None),
-                                     InboxEvent.attempts < MAX_ATTEMPTS,
-                                     or_(InboxEvent.retry_at.is_(None), InboxEvent.retry_at <= bindparam("now")))
+    query = select(InboxEvent).where(InboxEvent.id == bindparam("wanted"), *_due())
     return query.with_for_update(skip_locked=True, of=InboxEvent) if locking else query
 
 
@@ -149,8 +150,7 @@ def process_one(db, handler: Handler, now_fn) -> bool:
             with db.transaction() as session:
                 event = session.scalar(_claim_peeked(db.is_postgres), {"now": now_fn(), "wanted": wanted})
                 if event is not None:  # else another worker holds it, or it is already done
-                    _failed(session, event, f"{type(exc).__name__}: {exc}", handler)
-                    _retry_later(event, now_fn())
+                    _failed(session, event, f"{type(exc).__name__}: {exc}", handler, hold_from=now_fn())
             return True
     query, params = _claim(db.is_postgres), {"now": now_fn()}
     if wanted is not None:
@@ -186,25 +186,21 @@ def process_one(db, handler: Handler, now_fn) -> bool:
             raise
         log.exception("inbox event %s failed", event_id)
         with db.transaction() as session:
-            event = session.get(InboxEvent, event_id)
-            _failed(session, event, f"{type(exc).__name__}: {exc}", handler)
-            if isinstance(exc, DirectoryUnavailable):
-                _retry_later(event, now_fn())
+            _failed(session, session.get(InboxEvent, event_id), f"{type(exc).__name__}: {exc}", handler,
+                    hold_from=now_fn() if isinstance(exc, DirectoryUnavailable) else None)
         return True
 
 
-def _retry_later(event: InboxEvent, now: datetime) -> None:
-    """Hold a failed event back before its next attempt (OUTAGE_RETRY_SECONDS); none after its last."""
-    if event.attempts < MAX_ATTEMPTS:
-        wait = OUTAGE_RETRY_SECONDS[min(event.attempts, len(OUTAGE_RETRY_SECONDS)) - 1]
-        event.retry_at = now + timedelta(seconds=wait)
-
-
-def _failed(session: Session, event: InboxEvent, error: str, handler) -> None:
-    """Count a failed attempt; on the last one, whoever sent the event is told that nothing came of it
-    (the handler's `give_up`: a Slack approver)."""
+def _failed(session: Session, event: InboxEvent, error: str, handler, *,
+            hold_from: datetime | None = None) -> None:
+    """Count a failed attempt. With `hold_from` (another service did not answer), the next attempt waits
+    OUTAGE_RETRY_SECONDS from then. On the last attempt, whoever sent the event is told that nothing
+    came of it (the handler's `give_up`: a Slack approver, a customer)."""
     event.attempts += 1
     event.last_error = error[:2000]
+    if hold_from is not None and event.attempts < MAX_ATTEMPTS:
+        wait = OUTAGE_RETRY_SECONDS[min(event.attempts, len(OUTAGE_RETRY_SECONDS)) - 1]
+        event.retry_at = hold_from + timedelta(seconds=wait)
     give_up = getattr(handler, "give_up", None)
     if event.attempts >= MAX_ATTEMPTS and give_up is not None:
         try:
