@@ -16,6 +16,12 @@ from recovery.errors import ClockOutOfSync, CodeReused, WrongCode
 TOKEN = "backend-token-for-tests"
 
 
+def record(account_id: str, email: str) -> dict:
+    """An account as the backend sends it (docs/account-api.md): 2FA on, the usual facts."""
+    return {"id": account_id, "email": email, "locale": "en", "created_at": "2023-05-02T08:00:00Z",
+            "totp_enabled": True, "facts": {"first_deposit_month": "2023-05", "last_withdrawal_currency": "USDT"}}
+
+
 class AccountBackend:
     def __init__(self, *, delay: float = 0.0):
         self.delay = delay                       # seconds every answer takes, like a remote backend

@@ -180,14 +180,25 @@ def test_the_partial_indexes_hold_only_waiting_rows(history_url):
     assert pages["inbox_events_pkey"] > 20, pages  # the history is there, in the full indexes
 
 
+def _store(c, now, events: list[tuple[str, str]]) -> None:
+    """Store (delivery key, conversation) events, each with its key as the payload."""
+    for key, conversation in events:
+        assert inbox.store(c.db, source="test", delivery_key=key, conversation_key=conversation,
+                           payload={"key": key}, now=now)
+
+
+def _drain(c, handler, clock) -> None:
+    """Process events until none is due now."""
+    while inbox.process_one(c.db, handler, clock.now):
+        pass
+
+
 def test_inbox_keeps_each_conversation_in_order_through_failures(any_db_url, make_container):
     """A later event of a conversation waits while an earlier one is retried, and goes once the earlier
     one is handled or given up on (MAX_ATTEMPTS); other conversations go in id order meanwhile."""
     c = make_container(any_db_url)
     now = c.clock.now()
-    for key, conversation in [("a1", "a"), ("b1", "b"), ("a2", "a"), ("c1", "c"), ("c2", "c")]:
-        assert inbox.store(c.db, source="test", delivery_key=key, conversation_key=conversation,
-                           payload={"key": key}, now=now)
+    _store(c, now, [("a1", "a"), ("b1", "b"), ("a2", "a"), ("c1", "c"), ("c2", "c")])
     assert not inbox.store(c.db, source="test", delivery_key="a1", conversation_key="a",
                            payload={"key": "again"}, now=now + timedelta(seconds=1))
     handled: list[str] = []
@@ -200,8 +211,7 @@ def test_inbox_keeps_each_conversation_in_order_through_failures(any_db_url, mak
             fails[key] -= 1
             raise RuntimeError(f"{key} failed")
 
-    while inbox.process_one(c.db, handler, c.clock.now):
-        pass
+    _drain(c, handler, c.clock)
     assert handled == ["a1", "a1", "a1", "b1", "a2"] + ["c1"] * inbox.MAX_ATTEMPTS + ["c2"]
     with c.db.transaction() as session:
         rows = {e.delivery_key: e for e in session.query(InboxEvent)}
@@ -216,9 +226,7 @@ def test_an_event_failed_by_an_unavailable_service_waits_before_its_next_attempt
     handled once the service answers, and parked only after MAX_ATTEMPTS spread over minutes."""
     clock = ManualClock()
     c = make_container(any_db_url, clock=clock)
-    for key, conversation in [("a1", "a"), ("b1", "b"), ("a2", "a"), ("c1", "c")]:
-        assert inbox.store(c.db, source="test", delivery_key=key, conversation_key=conversation,
-                           payload={"key": key}, now=clock.now())
+    _store(c, clock.now(), [("a1", "a"), ("b1", "b"), ("a2", "a"), ("c1", "c")])
     handled: list[str] = []
     down = {"a1": 1, "c1": inbox.MAX_ATTEMPTS}  # a1's service answers on the second try; c1's never
 
@@ -229,30 +237,26 @@ def test_an_event_failed_by_an_unavailable_service_waits_before_its_next_attempt
             down[key] -= 1
             raise DirectoryUnavailable("account lookup by email: HTTP 503, the backend is unavailable")
 
-    def drain() -> None:
-        while inbox.process_one(c.db, handler, clock.now):
-            pass
-
     def row(key: str):
         with c.db.reading() as session:
             e = session.query(InboxEvent).filter_by(delivery_key=key).one()
             return SimpleNamespace(retry_at=e.retry_at, processed_at=e.processed_at, attempts=e.attempts,
                                    last_error=e.last_error)
 
-    drain()
+    _drain(c, handler, clock)
     assert handled == ["a1", "b1", "c1"]  # a2 waits behind a1
     assert row("a1").retry_at == clock.now() + timedelta(seconds=inbox.OUTAGE_RETRY_SECONDS[0])
     clock.advance(seconds=inbox.OUTAGE_RETRY_SECONDS[0] - 1)
-    drain()
+    _drain(c, handler, clock)
     assert handled == ["a1", "b1", "c1"]  # not yet
     clock.advance(seconds=1)
-    drain()
+    _drain(c, handler, clock)
     assert handled == ["a1", "b1", "c1", "a1", "a2", "c1"]  # in id order
     assert row("a1").processed_at is not None and row("a1").attempts == 1
     for wait in inbox.OUTAGE_RETRY_SECONDS[1:]:
         assert row("c1").retry_at == clock.now() + timedelta(seconds=wait)
         clock.advance(seconds=wait)
-        drain()
+        _drain(c, handler, clock)
     failed = row("c1")
     assert handled.count("c1") == inbox.MAX_ATTEMPTS
     assert failed.processed_at is None and failed.attempts == inbox.MAX_ATTEMPTS and "503" in failed.last_error
@@ -264,9 +268,7 @@ def test_a_failing_preparation_is_counted_and_held_back_and_the_queue_goes_on(an
     waited for as long as that service failed. It now counts an attempt and holds that event back."""
     clock = ManualClock()
     c = make_container(any_db_url, clock=clock)
-    for key, conversation in [("x1", "x"), ("y1", "y"), ("x2", "x")]:
-        assert inbox.store(c.db, source="test", delivery_key=key, conversation_key=conversation,
-                           payload={"key": key}, now=clock.now())
+    _store(c, clock.now(), [("x1", "x"), ("y1", "y"), ("x2", "x")])
     failing, handled = {"x1"}, []
 
     class Handler:
@@ -278,11 +280,7 @@ def test_a_failing_preparation_is_counted_and_held_back_and_the_queue_goes_on(an
         def __call__(self, session, event, prepared):
             handled.append(prepared)
 
-    def drain() -> None:
-        while inbox.process_one(c.db, Handler(), clock.now):
-            pass
-
-    drain()
+    _drain(c, Handler(), clock)
     assert handled == ["y1"]  # x2 waits behind x1
     with c.db.reading() as session:
         x1 = session.query(InboxEvent).filter_by(delivery_key="x1").one()
@@ -290,7 +288,7 @@ def test_a_failing_preparation_is_counted_and_held_back_and_the_queue_goes_on(an
         assert x1.retry_at == clock.now() + timedelta(seconds=inbox.OUTAGE_RETRY_SECONDS[0])
     failing.clear()
     clock.advance(seconds=inbox.OUTAGE_RETRY_SECONDS[0])
-    drain()
+    _drain(c, Handler(), clock)
     assert handled == ["y1", "x1", "x2"]
 
 

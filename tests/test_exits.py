@@ -20,7 +20,7 @@ from recovery import totp as totp_mod
 from recovery.crypto import hash_recovery_code
 from recovery.directory.embedded import EmbeddedDirectory
 from recovery.models import AuditRecord, LinkToken, OutboxMessage, RecoveryCode, WithdrawalHold
-from tests.account_backend import AccountBackend
+from tests.account_backend import AccountBackend, record
 from tests.conftest import ChatClient, code_in, link_in, text_part
 from tests.helpers import awaiting_case, folder_mails, get_case, last_mail, open_case
 from tests.test_security import (ALEX, ALEX_ID, ALEX_PASSWORD, audit_events, factor, load_demo, manual_clock,
@@ -394,9 +394,7 @@ def test_an_account_service_outage_on_the_enroll_page_changes_nothing_and_the_sa
     says to try again (Retry-After), the case and the account's factor stay as they were, and the same link
     and browser then complete with the same recovery codes, replaced once."""
     backend = AccountBackend()
-    backend.add({"id": ALEX_ID, "email": ALEX, "locale": "en", "created_at": "2023-05-02T08:00:00Z",
-                 "totp_enabled": True, "facts": {"first_deposit_month": "2023-05", "last_withdrawal_currency": "USDT"}},
-                password=ALEX_PASSWORD)
+    backend.add(record(ALEX_ID, ALEX), password=ALEX_PASSWORD)
     old = totp_mod.new_secret()
     backend.factors[ALEX_ID] = {"secret": old, "last_step": 0, "recovery_code_hashes": ["old"]}
     server = live(sqlite_url, worker=False, clock=manual_clock(), **backend.settings())
@@ -421,9 +419,7 @@ def test_an_account_service_outage_on_the_enroll_page_changes_nothing_and_the_sa
 
 
 def _http_bot(live, sqlite_url, backend: AccountBackend):
-    backend.add({"id": ALEX_ID, "email": ALEX, "locale": "en", "created_at": "2023-05-02T08:00:00Z",
-                 "totp_enabled": True, "facts": {"first_deposit_month": "2023-05", "last_withdrawal_currency": "USDT"}},
-                password=ALEX_PASSWORD)
+    backend.add(record(ALEX_ID, ALEX), password=ALEX_PASSWORD)
     backend.factors[ALEX_ID] = {"secret": totp_mod.new_secret(), "last_step": 0, "recovery_code_hashes": ["old"]}
     return live(sqlite_url, worker=False, clock=manual_clock(), **backend.settings())
 

@@ -609,11 +609,10 @@ def test_an_event_given_up_between_its_peek_and_its_claim_is_not_handled(make_co
 def test_a_short_account_service_outage_delays_a_reply_and_loses_nothing(sqlite_url, live):
     """The account API down for 2 s while a customer gives their address: the message is tried again after
     OUTAGE_RETRY_SECONDS[0] rather than used up in a second, and the customer gets the usual reply."""
-    from tests.account_backend import AccountBackend
+    from tests.account_backend import AccountBackend, record
 
     backend = AccountBackend()
-    backend.add({"id": "acct-1001", "email": "alex@example.com", "locale": "en", "created_at": "2023-05-02T08:00:00Z",
-                 "totp_enabled": True, "facts": {"first_deposit_month": "2023-05", "last_withdrawal_currency": "USDT"}})
+    backend.add(record("acct-1001", "alex@example.com"))
     server = live(sqlite_url, **backend.settings())
     try:
         chat = ChatClient(server.url)
@@ -638,11 +637,10 @@ def test_a_message_given_up_on_tells_the_customer_and_the_next_one_is_answered(s
     minutes, then the customer is told once that it could not be acted on (never left waiting in
     silence), and their next message, once the service is back, is answered as usual."""
     from bot.web import create_app
-    from tests.account_backend import AccountBackend
+    from tests.account_backend import AccountBackend, record
 
     backend = AccountBackend()
-    backend.add({"id": "acct-1001", "email": "alex@example.com", "locale": "en", "created_at": "2023-05-02T08:00:00Z",
-                 "totp_enabled": True, "facts": {"first_deposit_month": "2023-05", "last_withdrawal_currency": "USDT"}})
+    backend.add(record("acct-1001", "alex@example.com"))
     clock = ManualClock()
     try:
         c = make_container(sqlite_url, clock=clock, **backend.settings())
