@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/webchat.py            # both databases, about 2 minutes
     .venv/bin/python benchmarks/webchat.py --quick    # a short run
-    options: --db sqlite|postgres|both  --messages N  --concurrency C  --poll-interval S  --think S
+    options: --db sqlite|postgres|both  --messages N  --concurrency C  --wait S  --poll-interval S  --think S
              --worker-mode thread|process  --idle-sleep S  --text TEXT  --pg-admin-url URL  --json FILE
 
 For each database it makes a fresh, migrated database (SQLite: a temp file; PostgreSQL: a scratch
@@ -20,9 +20,11 @@ Phases, each a closed loop of C clients sharing N messages, all against the same
       The worker is not running during (a) and (b), so both measure the route alone.
   drain         the worker is started and works off the backlog (b) left: its capacity with no idle
                 sleep and no HTTP traffic. Then one probe message finds how many replies a message gets.
-  (c) e2e       POST the message ("what is 2fa?": one bot reply), then poll GET ...?after=SEQ every
-                --poll-interval until the bot's reply is visible; latency is POST sent -> reply
-                received. (b*) is the ack latency of those same POSTs, under the worker and the polls.
+  (c) e2e       POST the message ("what is 2fa?": one bot reply), then poll GET ...?after=SEQ&wait=S
+                as the chat page does (--wait, default 10: the server answers when the reply is
+                written), or with --wait 0 a plain poll every --poll-interval, until the bot's reply is
+                visible; latency is POST sent -> reply received. (b*) is the ack latency of those same
+                POSTs, under the worker and the polls.
 Figures, what dominates them, and caveats: docs/performance.md.
 """
 from __future__ import annotations
@@ -108,9 +110,12 @@ def server_main(db_url: str, port: int, workdir: str, idle_sleep: float | None, 
     from bot.web import create_app
 
     c = make_container(db_url, port, workdir, idle_sleep)
+    from bot.chatwait import SERVE_LIMIT
+
     app = create_app(c)
     add_bench_routes(app, c)
     server = make_server("127.0.0.1", port, app, threaded=True)
+    c.chat_waiters.limit = SERVE_LIMIT  # as `recoverybot serve` sets it: a thread per request
     freeze_heap()  # as `recoverybot serve` does
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     pipe.send(("ready", c.worker.idle_sleep))
@@ -412,12 +417,19 @@ def new_chat(http: requests.Session, base: str) -> dict:
 
 
 def post_message(http: requests.Session, base: str, chat: dict, message: str = QUESTION) -> str:
-    """POST one message; returns its inbox delivery key (the route builds it from the client_id)."""
+    """POST one message as the chat page does, with the last seq it has seen, and take the transcript
+    lines the answer carries (this message's own, and any before it), so only the reply is polled for;
+    any bot lines among them are in chat["early"]. Returns its inbox delivery key (the route builds it
+    from the client_id)."""
     client_id = uuid.uuid4().hex
     r = http.post(f"{base}/chat/api/sessions/{chat['id']}/messages",
-                  json={"text": message, "client_id": client_id}, timeout=REQUEST_TIMEOUT)
+                  json={"text": message, "client_id": client_id, "after": chat["after"]}, timeout=REQUEST_TIMEOUT)
     if r.status_code != 202:
         raise RuntimeError(f"post message: {r.status_code} {r.text[:200]}")
+    lines = r.json().get("messages", [])
+    if lines:
+        chat["after"] = lines[-1]["seq"]
+    chat["early"] = [m for m in lines if m["sender"] == "bot"]
     return f"webchat:{chat['id']}:{client_id}"
 
 
@@ -450,10 +462,10 @@ def phase_post(base: str, concurrency: int, messages: int, message: str) -> Stat
     return collect(results, "ack", "(b) real POST ack", seconds)
 
 
-def poll_bot_messages(http: requests.Session, base: str, chat: dict) -> tuple[list[dict], float]:
-    """One GET ...?after=SEQ; returns the new bot messages and when the answer arrived."""
-    r = http.get(f"{base}/chat/api/sessions/{chat['id']}/messages", params={"after": chat["after"]},
-                 timeout=REQUEST_TIMEOUT)
+def poll_bot_messages(http: requests.Session, base: str, chat: dict, wait: int = 0) -> tuple[list[dict], float]:
+    """One GET ...?after=SEQ[&wait=S]; returns the new bot messages and when the answer arrived."""
+    params = {"after": chat["after"]} | ({"wait": wait} if wait else {})
+    r = http.get(f"{base}/chat/api/sessions/{chat['id']}/messages", params=params, timeout=REQUEST_TIMEOUT)
     now = time.perf_counter()
     if r.status_code != 200:
         raise RuntimeError(f"poll: {r.status_code} {r.text[:200]}")
@@ -484,7 +496,7 @@ def probe_replies(base: str, message: str, settle: float = 1.0) -> int:
 
 
 def phase_e2e(base: str, concurrency: int, messages: int, poll_interval: float, think: float,
-              message: str, expected: int) -> tuple[Stats, Stats, dict]:
+              message: str, expected: int, wait: int = 0) -> tuple[Stats, Stats, dict]:
     replies: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -494,9 +506,12 @@ def phase_e2e(base: str, concurrency: int, messages: int, poll_interval: float, 
         wall0, t0 = time.time(), time.perf_counter()
         key = post_message(http, base, chat, message)
         res.add("ack", time.perf_counter() - t0)
+        if chat["early"]:  # each message's replies are awaited before the next: none can be left over
+            res.notes.append(f"bot lines before the reply: {[m['text'][:40] for m in chat['early']]}")
         seen = 0
         while True:
-            bot, now = poll_bot_messages(http, base, chat)
+            before = chat["after"]
+            bot, now = poll_bot_messages(http, base, chat, wait)
             res.add("polls", 1)
             if bot:
                 if not seen:
@@ -510,7 +525,8 @@ def phase_e2e(base: str, concurrency: int, messages: int, poll_interval: float, 
                     return
             if now - t0 > REPLY_TIMEOUT:
                 raise TimeoutError(f"{seen} of {expected} bot replies within {REPLY_TIMEOUT} s")
-            time.sleep(poll_interval)
+            if not wait or chat["after"] == before:  # a plain poll, or a wait that ended with nothing
+                time.sleep(poll_interval)
 
     results, seconds = run_clients(concurrency, messages, lambda http, i: new_chat(http, base), loop)
     report_notes("(c)", results)
@@ -555,7 +571,7 @@ class Backlog:
         """Where the time of each (c) message went, from the rows' own timestamps (same machine clock):
         POST sent -> stored (inbox received_at) -> picked up by the worker (its reply's created_at, the
         turn's clock, taken when the dialog starts) -> turn done (processed_at, just before the commit)
-        -> seen by the client's poll (the commit, then up to one poll interval). The reply is written in
+        -> seen by the client (the commit, then the waiting poll's wake-up, or up to one poll interval). The reply is written in
         the turn's own transaction, keyed f"{conversation}:{event id}:{n}". Returns mean and p50 ms per
         segment, or None when no rows match."""
         from recovery.models import ChatMessage
@@ -668,7 +684,8 @@ def bench_db(kind: str, args) -> dict:
                   f"per {args.text!r})", file=sys.stderr)
             with CpuMeter(server.pids, backlog.backend_pids) as cpu["c"]:
                 e2e, ack_in_e2e, extra = phase_e2e(server.url, args.concurrency, args.messages,
-                                                   args.poll_interval, args.think, args.text, expected)
+                                                   args.poll_interval, args.think, args.text, expected,
+                                                   args.wait)
             failed, dead = backlog.failures()
             breakdown = backlog.breakdown(extra["timeline"])
         finally:
@@ -732,8 +749,9 @@ def render(results: list[dict], args) -> str:
     think = f", think time 0-{args.think * 1e3:.0f} ms" if args.think else ""
     header = (f"Web chat inbox-to-reply benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
               f"werkzeug threaded server + worker {worker}; {args.concurrency} client threads (requests) in "
-              f"another; {args.messages} messages per phase; poll every "
-              f"{args.poll_interval * 1e3:.0f} ms{think}.")
+              f"another; {args.messages} messages per phase; " +
+              (f"polls wait up to {args.wait} s for the reply (as the chat page does)" if args.wait else
+               f"poll every {args.poll_interval * 1e3:.0f} ms") + f"{think}.")
     return "\n".join([header, "", *lines, "", *notes])
 
 
@@ -744,8 +762,13 @@ def main(argv=None) -> int:
                    help="messages per phase (default 800; --quick 200)")
     p.add_argument("--concurrency", type=int, default=None, help="client threads (default 8; --quick 4)")
     p.add_argument("--quick", action="store_true", help="a short run (a few seconds per database)")
+    p.add_argument("--wait", type=int, default=10,
+                   help="(c): each poll asks the server to wait up to this many seconds for the reply, as "
+                        "the chat page does after a message (default 10); 0: plain polls every "
+                        "--poll-interval")
     p.add_argument("--poll-interval", type=float, default=0.01,
-                   help="client wait between empty polls, seconds (default 0.01; the web page uses 0.7)")
+                   help="client wait between empty polls, seconds (default 0.01; the web page's regular "
+                        "poll is every 1 s)")
     p.add_argument("--text", default=QUESTION,
                    help=f"the customer message (default {QUESTION!r}: one reply)")
     p.add_argument("--think", type=float, default=0.0,

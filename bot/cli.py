@@ -95,6 +95,7 @@ def serve(demo: bool):
     """Run web and worker in one process (the embedded default)."""
     from werkzeug.serving import make_server
 
+    from bot.chatwait import SERVE_LIMIT
     from bot.startup import announce, freeze_heap
     from bot.web import create_app
 
@@ -103,6 +104,7 @@ def serve(demo: bool):
         _load_demo_if_empty(c)
     app = create_app(c)
     server = make_server(c.settings.HOST, c.settings.PORT, app, threaded=True)
+    c.chat_waiters.limit = SERVE_LIMIT  # a thread per request here, not gunicorn's fixed 8
     freeze_heap()
     c.worker.beat()  # ready from the first request on: the worker thread's own first beat can come later
     thread = threading.Thread(target=c.worker.run_forever, name="worker", daemon=True)

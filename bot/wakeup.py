@@ -1,6 +1,8 @@
 """Cross-process wake-up on PostgreSQL: a transaction that stores an inbox event or an outbox message
 sends a NOTIFY, which PostgreSQL delivers when (and only if) it commits; the worker LISTENs on a
-connection of its own and starts a pass at once instead of on its next idle tick.
+connection of its own and starts a pass at once instead of on its next idle tick. A transaction that
+writes web-chat messages notifies CHAT_CHANNEL with each session's id, for the web chat's waiting polls
+(bot/chatwait.py), and tells the polls waiting in its own process once it has committed.
 
 Polling stays: a worker that is not listening (reconnecting after a database restart, or WORKER_LISTEN
 off because a pooler in transaction mode cannot carry LISTEN) still finds the work on its next tick.
@@ -14,25 +16,35 @@ from typing import Callable
 
 from sqlalchemy import event, func, select
 
-from recovery.models import InboxEvent, OutboxMessage
+from recovery.models import ChatMessage, InboxEvent, OutboxMessage
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "recoverybot_work"
+CHAT_CHANNEL = "recoverybot_chat"  # payload: the chat session's id
 INBOX, EMAIL, OUTBOX = "inbox", "email", "outbox"  # what was stored; EMAIL wakes the mail loop only
 ANY = "any"  # (re)connected: whatever was stored while not listening is waiting
 RECONNECT_FIRST, RECONNECT_CAP = 0.2, 2.0  # seconds between attempts while the database is down
 
 
-def install(db) -> None:
-    """Make every write transaction of `db` that adds inbox events or outbox messages notify on commit."""
-    if not db.is_postgres:
+def install(db, on_chat_written: Callable[[set], None] | None = None) -> None:
+    """Make every write transaction of `db` that adds inbox events or outbox messages notify on commit
+    (PostgreSQL), and one that writes chat messages call `on_chat_written(session ids)` once committed
+    (any database). Installed once per `db`; a second call changes nothing."""
+    if event.contains(db.sessions, "after_flush", _note_flushed):
         return
-    if not event.contains(db.sessions, "before_commit", _notify):
-        event.listen(db.sessions, "after_flush", _note_flushed)
+    event.listen(db.sessions, "after_flush", _note_flushed)
+    event.listen(db.sessions, "after_rollback", _forget)
+
+    def chat_committed(session) -> None:
+        chats = session.info.pop("recoverybot_chats", None)
+        if chats and on_chat_written is not None:
+            on_chat_written(chats)
+
+    event.listen(db.sessions, "after_commit", chat_committed)
+    if db.is_postgres:
         event.listen(db.sessions, "do_orm_execute", _note_inserted)
         event.listen(db.sessions, "before_commit", _notify)
-        event.listen(db.sessions, "after_rollback", _forget)
 
 
 # What a transaction stored is noted as it goes and announced once, just before it commits: one
@@ -42,9 +54,15 @@ def _stored(session) -> set:
     return session.info.setdefault("recoverybot_stored", set())
 
 
+def _chats(session) -> set:
+    return session.info.setdefault("recoverybot_chats", set())
+
+
 def _note_flushed(session, _flush_context) -> None:
     for obj in session.new:  # still lists what this flush inserted
-        if isinstance(obj, InboxEvent):
+        if isinstance(obj, ChatMessage):
+            _chats(session).add(obj.session_id)
+        elif isinstance(obj, InboxEvent):
             _stored(session).add(INBOX)
         elif isinstance(obj, OutboxMessage):
             _stored(session).add(EMAIL if obj.kind == "email" else OUTBOX)
@@ -67,9 +85,18 @@ def _note_inserted(state) -> None:
 def _notify(session) -> None:
     if session.in_nested_transaction():
         return  # a savepoint's release; the real commit announces it with the rest
-    stored = session.info.pop("recoverybot_stored", None)
-    if stored:
-        session.connection().execute(select(*(func.pg_notify(CHANNEL, what) for what in sorted(stored))))
+    session.flush()  # commit flushes after this hook: what is still pending (a chat reply) is noted now
+    stored = session.info.pop("recoverybot_stored", None) or ()
+    chats = set(session.info.get("recoverybot_chats") or ()) - session.info.pop("recoverybot_announced", set())
+    if stored or chats:
+        session.connection().execute(select(*(func.pg_notify(CHANNEL, what) for what in sorted(stored)),
+                                            *(func.pg_notify(CHAT_CHANNEL, chat) for chat in sorted(chats))))
+
+
+def announced(session, chat: str) -> None:
+    """A statement of `session`'s transaction already ran pg_notify(CHAT_CHANNEL, chat): the commit
+    need not again."""
+    session.info.setdefault("recoverybot_announced", set()).add(chat)
 
 
 def announcing(statement, what: str = INBOX):
@@ -83,24 +110,27 @@ def announcing(statement, what: str = INBOX):
 def _forget(session) -> None:
     if session.in_nested_transaction():
         return  # a savepoint rolled back: what the enclosing transaction stored is still to be announced
-    session.info.pop("recoverybot_stored", None)
+    for key in ("recoverybot_stored", "recoverybot_chats", "recoverybot_announced"):
+        session.info.pop(key, None)
 
 
-def listen(db, on_notify: Callable[[str], None], stop: threading.Event) -> threading.Thread | None:
-    """Start a thread that calls `on_notify(what)` for each notification until `stop` is set; None
-    (polling only) on SQLite or with a driver that cannot receive notifications."""
+def listen(db, on_notify: Callable[[str], None], stop: threading.Event, *, channel: str = CHANNEL,
+           name: str = "worker-listen") -> threading.Thread | None:
+    """Start a thread that calls `on_notify(payload)` for each notification on `channel`, and
+    `on_notify(ANY)` on each (re)connect, until `stop` is set; None (polling only) on SQLite or with a
+    driver that cannot receive notifications."""
     if not db.is_postgres:
         return None
     dialect = db.engine.dialect
     if not hasattr(dialect.loaded_dbapi, "Connection") or not hasattr(dialect.loaded_dbapi.Connection, "notifies"):
-        log.warning("the PostgreSQL driver cannot LISTEN; the worker polls only")
+        log.warning("the PostgreSQL driver cannot LISTEN; %s is not started, polling covers it", name)
         return None
-    thread = threading.Thread(target=_run, args=(db, on_notify, stop), name="worker-listen", daemon=True)
+    thread = threading.Thread(target=_run, args=(db, on_notify, stop, channel), name=name, daemon=True)
     thread.start()
     return thread
 
 
-def _connect(db):
+def _connect(db, channel: str):
     """A connection outside the pool (it is held for as long as the worker runs), made with the same
     arguments SQLAlchemy uses, with keepalives so a vanished server is noticed."""
     dialect = db.engine.dialect
@@ -110,33 +140,33 @@ def _connect(db):
     conn = dialect.loaded_dbapi.connect(*cargs, **cparams)
     try:
         conn.autocommit = True
-        conn.execute(f"LISTEN {CHANNEL}")
+        conn.execute(f"LISTEN {channel}")
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def _run(db, on_notify, stop: threading.Event) -> None:
+def _run(db, on_notify, stop: threading.Event, channel: str) -> None:
     delay = RECONNECT_FIRST
     connected_before = False
     while not stop.is_set():
         try:
-            conn = _connect(db)
+            conn = _connect(db, channel)
         except Exception as exc:  # noqa: BLE001 - the database is down or restarting: try again soon
             if connected_before and delay == RECONNECT_FIRST:
-                log.warning("wake-up listener lost the database (%s); reconnecting", type(exc).__name__)
+                log.warning("%s listener lost the database (%s); reconnecting", channel, type(exc).__name__)
             stop.wait(delay)
             delay = min(RECONNECT_CAP, delay * 2)
             continue
         if connected_before:
-            log.info("wake-up listener reconnected")
+            log.info("%s listener reconnected", channel)
         connected_before, delay = True, RECONNECT_FIRST
         on_notify(ANY)  # anything stored while nobody listened
         try:
             _receive(conn, on_notify, stop)
         except Exception as exc:  # noqa: BLE001 - connection lost: reconnect (polling covers the gap)
-            log.warning("wake-up listener lost the database (%s); reconnecting", type(exc).__name__)
+            log.warning("%s listener lost the database (%s); reconnecting", channel, type(exc).__name__)
         finally:
             try:
                 conn.close()

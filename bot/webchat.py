@@ -1,20 +1,29 @@
 """The built-in web chat: a page at /chat and its JSON API (a contract other tools rely on).
 
 POST /chat/api/sessions                      -> 201 {"session_id", "messages"}
-POST /chat/api/sessions/{id}/messages {text} -> 202 (stored in the inbox; the worker replies)
-GET  /chat/api/sessions/{id}/messages?after= -> {"messages": [{"seq", "sender", "text", "buttons"}]}
+POST /chat/api/sessions/{id}/messages {text[, client_id][, after]}
+                                             -> 202 {"accepted", "duplicate"[, "messages"]} (stored in the
+     inbox; the worker replies). With "after": N, "messages" holds the transcript after N, this
+     message's own (redacted) line included, as a poll would.
+GET  /chat/api/sessions/{id}/messages?after=N[&wait=S]
+                                             -> {"messages": [{"seq", "sender", "text", "buttons"}]}
+     wait=S (0 to 20 seconds, default 0): with nothing after N yet, answer when something is written,
+     or after S seconds with an empty list (bot/chatwait.py)
 """
 from __future__ import annotations
 
 import re
 import secrets
+import time
 import uuid
 
 from babel import Locale
 from flask import Blueprint, current_app, jsonify, request
-from sqlalchemy import and_, bindparam, select
+from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 
+from bot import wakeup
+from bot.chatwait import MAX_WAIT
 from bot.http import ApiError, json_body, storable_text
 from recovery import inbox
 from recovery.redact import redact_text
@@ -25,6 +34,7 @@ MAX_TEXT = 2000
 MAX_PAGE = 200
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what create_session issues
 SEQ = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and within a 64-bit column
+WAIT = re.compile(r"[0-9]{1,2}")
 
 bp = Blueprint("webchat", __name__)
 
@@ -97,6 +107,9 @@ def post_message(session_id: str):
                                   or not storable_text(client_id)):
         raise ApiError(400, "bad_client_id",
                        "client_id must be a string of 1 to 100 characters (valid Unicode, no NUL)")
+    after = body.get("after")
+    if after is not None and (type(after) is not int or not 0 <= after < 2**63):
+        raise ApiError(400, "bad_after", "after must be a non-negative whole number (a seq)")
     if not SESSION_ID.fullmatch(session_id):
         raise ApiError(404, "unknown_session", "no chat session with that id; create one first")
     now = c.clock.now()
@@ -113,12 +126,19 @@ def post_message(session_id: str):
                            now=now, payload={"session_id": session_id, "text_enc": c.keyring.encrypt(text),
                                              "ip": request.remote_addr, "locale": chat.locale})
         if stored:
-            s.add(ChatMessage(session_id=session_id, sender="customer", text=redact_text(text),
-                              buttons=[], created_at=now))
+            s.add(ChatMessage(session_id=session_id, sender="customer", text=redact_text(text), buttons=[],
+                              created_at=now))
+        # Read under the session's lock, so nothing of this session can commit in between unseen.
+        lines = None if after is None else s.execute(_PAGE, {"session_id": session_id, "after": after}).all()
     c.metrics.inbox("webchat", "stored" if stored else "duplicate")
     if stored:
         c.worker.wake()
-    return jsonify(accepted=True, duplicate=not stored), 202
+    if lines is None:
+        return jsonify(accepted=True, duplicate=not stored), 202
+    # What the page has not seen yet, this message's own (redacted) line included: it shows the line at
+    # once and then waits only for the reply, one poll per message instead of two.
+    return jsonify(accepted=True, duplicate=not stored,
+                   messages=[_message_json(r) for r in lines if r.seq is not None]), 202
 
 
 @bp.get("/chat/api/sessions/<session_id>/messages")
@@ -127,17 +147,40 @@ def list_messages(session_id: str):
     after = request.args.get("after", "0")
     if not SEQ.fullmatch(after):
         raise ApiError(400, "bad_after", "after must be a non-negative whole number (a seq)")
+    wait = request.args.get("wait", "0")
+    if not WAIT.fullmatch(wait) or int(wait) > MAX_WAIT:
+        raise ApiError(400, "bad_wait", f"wait must be a whole number of seconds from 0 to {MAX_WAIT}")
     if not SESSION_ID.fullmatch(session_id):
         raise ApiError(404, "unknown_session", "no chat session with that id")
+    params = {"session_id": session_id, "after": int(after)}
+    if int(wait) == 0:
+        return _page(_read(c, params))
+    deadline = time.monotonic() + int(wait)
+    # Watching starts before the first read, so a message committed between the read and the wait
+    # still wakes this poll. No database connection is held while it waits.
+    with c.chat_waiters.watching(session_id, int(after)) as written:
+        while True:
+            rows = _read(c, params)
+            left = deadline - time.monotonic()
+            if written is None or not rows or rows[0].seq is not None or left <= 0:
+                return _page(rows)
+            written.wait(min(c.chat_waiters.recheck, left))
+            written.clear()
+
+
+def _read(c, params: dict) -> list:
     with c.db.reading() as s:
-        rows = s.execute(_PAGE, {"session_id": session_id, "after": int(after)}).all()
+        return s.execute(_PAGE, params).all()
+
+
+def _page(rows: list):
     if not rows:
         raise ApiError(404, "unknown_session", "no chat session with that id")
     return jsonify(messages=[_message_json(r) for r in rows if r.seq is not None])
 
 
 # A poll in one statement, built once: the session's row outer-joined to its messages after `after`
-# (no row: no such session; one row of NULLs: nothing new). Open chat pages poll every 0.7 s, and two
+# (no row: no such session; one row of NULLs: nothing new). Open chat pages poll every second, and two
 # ORM look-ups cost two round trips and about twice the CPU.
 _PAGE = (select(ChatSession.id, ChatMessage.seq, ChatMessage.sender, ChatMessage.text, ChatMessage.buttons)
          .select_from(ChatSession)
@@ -164,8 +207,12 @@ class WebChatTranscript:
         so it cannot have been written before; `source_key` is unique all the same."""
         session_id = conversation.split(":", 1)[1]
         if session.get_bind().dialect.name == "postgresql":
-            # see post_message; SQLite's writers already run one at a time
-            session.get(ChatSession, session_id, with_for_update=True)
+            # The lock: see post_message (SQLite's writers already run one at a time). The same statement
+            # queues the NOTIFY that wakes this session's waiting polls in other processes (PostgreSQL
+            # sends it at commit), so the turn needs no statement of its own for it.
+            session.execute(select(ChatSession.id, func.pg_notify(wakeup.CHAT_CHANNEL, session_id))
+                            .where(ChatSession.id == session_id).with_for_update())
+            wakeup.announced(session, session_id)
         session.add(ChatMessage(session_id=session_id, sender="bot",
                                 text=self.renderer.chat(message, locale, context),
                                 buttons=_buttons(self.renderer, locale, buttons), source_key=key,

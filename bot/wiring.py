@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass, field
 
 from bot import wakeup
+from bot.chatwait import ChatWaiters
 from bot.inbound import make_handler
 from bot.instrument import MeteredSender, chat_channel, observe_sessions, timed_handler
 from bot.mail import FolderMailer, SmtpMailer
@@ -41,6 +42,7 @@ class Container:
     worker: Worker
     senders: dict = field(default_factory=dict)
     slack_app: object | None = None  # the Bolt app, when Slack is configured
+    chat_waiters: ChatWaiters | None = None  # the web chat's waiting polls (bot/chatwait.py)
     closables: list = field(default_factory=list)  # clients holding connections, closed by close()
 
     def close(self) -> None:
@@ -66,7 +68,9 @@ def keyring_for(settings: Settings) -> Keyring:
 def build(settings: Settings, *, clock: Clock | None = None, db: Database | None = None) -> Container:
     clock = clock or Clock()
     db = db or Database(settings.DATABASE_URL)
-    wakeup.install(db)  # on PostgreSQL, stored work NOTIFYs the worker processes
+    chat_waiters = ChatWaiters(db, listen=settings.WORKER_LISTEN)
+    # on PostgreSQL, stored work NOTIFYs the worker processes; written chat messages wake waiting polls
+    wakeup.install(db, chat_waiters.written)
     keyring = keyring_for(settings)
     renderer = Renderer(override_dir=settings.TEMPLATES_DIR or None,
                         globals={"brand_name": settings.BRAND_NAME, "support_email": settings.SUPPORT_EMAIL})
@@ -134,7 +138,9 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
                     listen=settings.WORKER_LISTEN)
     container = Container(settings=settings, clock=clock, db=db, keyring=keyring, renderer=renderer,
                           metrics=metrics, db_metrics=DatabaseCollector(db, clock, background=True), deps=deps,
-                          recovery=recovery, dispatcher=dispatcher, worker=worker, senders=senders)
+                          recovery=recovery, dispatcher=dispatcher, worker=worker, senders=senders,
+                          chat_waiters=chat_waiters)
+    container.closables.append(chat_waiters)
     if intercom_inbound is not None:
         container.closables.append(intercom_api)
     if slack_client is not None:

@@ -32,6 +32,7 @@ class Worker:
         self.started_at = clock.now()
         self._beat_at = None
         self.last_pass = None  # time.monotonic() of the last finished pass, for the worker's /healthz
+        self.last_pass_full = False  # whether a queue filled its batch in the last pass: more may wait
 
     def wake(self) -> None:
         """Called by a route that stored an event in this process (`recoverybot serve`), so the
@@ -76,24 +77,30 @@ class Worker:
         what those events owe an approver (the outcome of a decision) goes out before timers and the rest
         of the outbox.
         """
-        done = 0
+        done, full = 0, False
         for _ in range(inbox_batch):
             with unit_of_work():
                 if not inbox.process_one(self.db, self.handler, self.clock.now):
                     break
             done += 1
+        else:
+            full = True
         if done and lane in (None, OTHER_LANE):
             with unit_of_work():
-                done += self.dispatcher.run_once(batch, APPROVER_LANE)
+                sent = self.dispatcher.run_once(batch, APPROVER_LANE)
+            done, full = done + sent, full or sent >= batch
         for _ in range(batch):
             with unit_of_work():
                 if not self.recovery.fire_due_timer():
                     break
             done += 1
+        else:
+            full = True
         with unit_of_work():
-            done += self.dispatcher.run_once(batch, lane)
+            sent = self.dispatcher.run_once(batch, lane)
+        done, full = done + sent, full or sent >= batch
         self._housekeeping()
-        self.last_pass = time.monotonic()
+        self.last_pass, self.last_pass_full = time.monotonic(), full
         return done
 
     def drain(self, max_passes: int = 100) -> int:
@@ -121,21 +128,24 @@ class Worker:
             listener.join(timeout=5)
         log.info("worker stopped")
 
-    def _main_pass(self) -> int:
-        done = self.run_once(lane=OTHER_LANE)
-        if done:
+    # A pass returns whether to go again at once. Only a queue that filled its batch may have more
+    # waiting: whatever the pass itself wrote (a reply's outbox message, a timer's) was sent later in
+    # the same pass, and work stored meanwhile has set the wake event. Going again after every busy pass
+    # cost each message a second, empty pass: three transactions and their pool pings.
+    def _main_pass(self) -> bool:
+        if self.run_once(lane=OTHER_LANE):
             self.mail_wake.set()  # whatever this pass did may have written email
-        return done
+        return self.last_pass_full
 
-    def _mail_pass(self) -> int:
+    def _mail_pass(self) -> bool:
         with unit_of_work():
-            return self.dispatcher.run_once(50, EMAIL_LANE)
+            return self.dispatcher.run_once(50, EMAIL_LANE) >= 50
 
     def _loop(self, one_pass, wake: threading.Event) -> None:
         retry = RETRY_FIRST
         while not self.stop_event.is_set():
             try:
-                busy = one_pass()
+                again = one_pass()
                 retry = RETRY_FIRST
             except Exception as exc:  # noqa: BLE001 - e.g. the database restarting; try again shortly
                 # The dispatcher has given back its leases (or will, on the next pass that reaches the
@@ -147,7 +157,7 @@ class Worker:
                 self.stop_event.wait(retry)
                 retry = min(RETRY_CAP, retry * 2)
                 continue
-            if not busy:
+            if not again:
                 wake.wait(self.idle_sleep)
                 wake.clear()
 

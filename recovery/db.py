@@ -5,6 +5,8 @@ same "one decision under concurrent clicks" guarantee that row locks give on Pos
 """
 from __future__ import annotations
 
+import sqlite3
+import threading
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -20,6 +22,7 @@ MIGRATIONS = "recovery:migrations"
 
 
 READ_ONLY = "recoverybot_read_only"
+SQLITE_BUSY_SECONDS = 30  # how long a SQLite writer waits for the one before it
 
 # SQLSTATEs of a server that is going away or cannot take the connection: connection exceptions (class
 # 08), admin/crash shutdown, cannot connect now, too many connections.
@@ -75,14 +78,42 @@ def insert_new(session_or_dialect, model, unique):
     return dialect.insert(table).on_conflict_do_nothing(index_elements=[table.c[unique.key]])
 
 
-def make_engine(url: str, **kwargs) -> Engine:
+class _Writer:
+    """SQLite allows one writer at a time. A second one meets SQLITE_BUSY and waits in SQLite's busy
+    handler, which sleeps in steps of up to 100 ms and tries again, so under steady writes from this
+    process's own threads (the web threads' stores, the worker's turns) an unlucky writer lost again and
+    again: a chat message's store waited up to 0.75 s, and its reply as long. Writers of this process
+    queue on this lock instead, taken before BEGIN IMMEDIATE and given back when the connection returns
+    to the pool, and are let in as soon as the one before them ends. The busy handler is left to other
+    processes. Waiting as long as the busy timeout, then failing as SQLite would, keeps a writer that
+    waits on itself (a second write transaction opened inside a first) from hanging for ever."""
+
+    def __init__(self, wait: float):
+        self.lock, self.wait, self.holder = threading.Lock(), wait, None
+
+    def take(self, dbapi_conn) -> None:
+        if self.holder is dbapi_conn:
+            return  # this connection's next transaction (a Core connection that committed and goes on)
+        if not self.lock.acquire(timeout=self.wait):
+            raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, sqlite3.OperationalError(
+                f"database is locked: another writer of this process held it for {self.wait:g} s"))
+        self.holder = dbapi_conn
+
+    def give_back(self, dbapi_conn) -> None:
+        if dbapi_conn is not None and self.holder is dbapi_conn:
+            self.holder = None
+            self.lock.release()
+
+
+def make_engine(url: str, *, busy_seconds: float = SQLITE_BUSY_SECONDS, **kwargs) -> Engine:
+    """`busy_seconds`: SQLite only, how long a writer waits for the one before it, then fails."""
     # A failing statement's error names its bound values unless told not to, and errors are logged and
     # kept (an inbox event's last_error): a denial's reason or a sealed value would be at rest in the clear.
     kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and ":memory:" not in url:
             Path(url[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
+        engine = create_engine(url, connect_args={"timeout": busy_seconds, "check_same_thread": False}, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):
@@ -90,17 +121,32 @@ def make_engine(url: str, **kwargs) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_seconds * 1000)}")
             # Deleted rows are overwritten with zeros instead of lingering in free space, so purged
             # personal data is gone from the file, not just unreachable.
             cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
+        writer = _Writer(busy_seconds)
+
         @event.listens_for(engine, "begin")
         def _on_begin(conn):
             # Readers (Database.reading) take no write lock: under WAL they never block a writer.
-            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+                return
+            dbapi_conn = conn.connection.dbapi_connection
+            writer.take(dbapi_conn)
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            except BaseException:
+                writer.give_back(dbapi_conn)
+                raise
 
+        # The transaction is over once its connection is back in the pool (or thrown away).
+        event.listen(engine, "checkin", lambda dbapi_conn, _record: writer.give_back(dbapi_conn))
+        event.listen(engine, "invalidate", lambda dbapi_conn, _record, _exc: writer.give_back(dbapi_conn))
+        event.listen(engine, "close", lambda dbapi_conn, _record: writer.give_back(dbapi_conn))
         return engine
     kwargs.setdefault("pool_pre_ping", True)  # survives a PostgreSQL restart without a manual step
     kwargs.setdefault("pool_size", 10)

@@ -178,6 +178,31 @@ def test_bad_after_param_is_refused(chat):
                        "non-negative whole number")
 
 
+BAD_POST_AFTER = [-1, "3", 1.5, True, 2**63, [1], {"seq": 1}]
+
+
+def test_bad_after_in_a_posted_message_is_refused_and_stores_nothing(chat):
+    before = counts(chat.c)
+    for after in BAD_POST_AFTER:
+        assert_refused(chat.post(chat.messages, {"text": "what is 2fa?", "after": after}), 400, "bad_after",
+                       "non-negative whole number")
+    assert counts(chat.c) == before
+
+
+BAD_WAIT = ["-1", "abc", "1.5", "", "21", "100", "%C2%B2", "%D9%A1", "1e1", "%00"]
+
+
+def test_bad_wait_param_is_refused(chat):
+    """`wait` must be a whole number of seconds from 0 to 20: anything else is a 400 at once, which
+    neither waits nor holds a waiting slot."""
+    for wait in BAD_WAIT:
+        started = time.monotonic()
+        assert_refused(chat.client.get(f"{chat.messages}?after=0&wait={wait}"), 400, "bad_wait",
+                       "whole number of seconds from 0 to 20")
+        assert time.monotonic() - started < 0.5, wait
+    assert chat.c.chat_waiters.waiting == 0
+
+
 def test_good_after_param_pages_the_transcript(chat):
     """`after` omitted, 0, or past the end reads the greeting, the greeting, and nothing."""
     greeting = chat.client.get(chat.messages).get_json()["messages"]

@@ -1,0 +1,160 @@
+"""Waiting polls for the web chat: GET .../messages?after=N&wait=S answers as soon as a message after N
+is written (or after S seconds, with nothing), so the page sees a reply when it commits instead of at
+its next look, and asks once instead of many times.
+
+Who wakes a waiting poll: a transaction that writes chat messages wakes the polls of those sessions
+waiting in its own process once it has committed (bot/wakeup.py). For messages written by another
+process (gunicorn's web processes beside a worker process):
+- on PostgreSQL the transaction also sends NOTIFY recoverybot_chat '<session id>', which a listener
+  here passes on;
+- on SQLite, which has no NOTIFY, a thread here reads `PRAGMA data_version` every TICK seconds while
+  polls wait (it changes when another connection commits), and on a change asks once which waiting
+  sessions have something new.
+A poll also looks again every RECHECK seconds, so a missed notification (the listener reconnecting,
+WORKER_LISTEN off) costs at most that much.
+
+A waiting poll holds a request thread, and gunicorn's threads (8 per process) also answer Slack's
+clicks, so only `limit` polls wait at once per process. Past that a poll answers at once, as a plain
+poll does, and the page looks again on its own schedule.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+from bot import wakeup
+from recovery.models import ChatMessage
+
+TABLE = ChatMessage.__tablename__
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT = 20  # seconds a poll may ask to wait: under the usual 30 s proxy and load-balancer time-outs
+RECHECK = 0.5  # seconds between a waiting poll's own looks, whatever it was told
+TICK = 0.01  # SQLite: seconds between the watcher's looks at data_version while polls wait
+SERVE_LIMIT = 64  # `recoverybot serve`: werkzeug starts a thread per request
+GUNICORN_LIMIT = 4  # `recoverybot web`: half of each process's 8 threads
+
+
+class ChatWaiters:
+    """The polls waiting in this process, by chat session."""
+
+    def __init__(self, db, *, limit: int = GUNICORN_LIMIT, listen: bool = True, recheck: float = RECHECK):
+        self.db, self.limit, self.listen, self.recheck = db, limit, listen, recheck
+        self._lock = threading.Lock()
+        self._waiting: dict[str, dict[threading.Event, int]] = {}  # session -> {watch: its `after`}
+        self._count = 0
+        self._someone = threading.Event()  # SQLite: wakes the idle watcher
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+
+    @contextmanager
+    def watching(self, session_id: str, after: int) -> Iterator[threading.Event | None]:
+        """An event that is set whenever a message of `session_id` past `after` may have been written,
+        from now until the block ends; None when `limit` polls already wait (the caller answers at
+        once)."""
+        watch = threading.Event()
+        with self._lock:
+            if self._count >= self.limit:
+                watch = None
+            else:
+                self._count += 1
+                self._waiting.setdefault(session_id, {})[watch] = after
+                self._someone.set()
+        if watch is None:
+            yield None
+            return
+        try:
+            self._start_listener()
+            yield watch
+        finally:
+            with self._lock:
+                self._count -= 1
+                watches = self._waiting[session_id]
+                del watches[watch]
+                if not watches:
+                    del self._waiting[session_id]
+
+    @property
+    def waiting(self) -> int:
+        return self._count
+
+    def written(self, session_ids: Iterable[str]) -> None:
+        """Messages of these sessions were committed (called from the writer's thread)."""
+        with self._lock:
+            for session_id in session_ids:
+                for watch in self._waiting.get(session_id, ()):
+                    watch.set()
+
+    def _notified(self, payload: str) -> None:
+        if payload == wakeup.ANY:  # (re)connected: anything may have been written meanwhile
+            with self._lock:
+                for watches in self._waiting.values():
+                    for watch in watches:
+                        watch.set()
+        else:
+            self.written((payload,))
+
+    def _start_listener(self) -> None:
+        # Started by the first waiting poll, so a process that never serves the chat (the worker, a
+        # one-off CLI command) holds no listening connection.
+        if self._listener is not None or not self.listen:
+            return
+        with self._lock:
+            if self._listener is not None or self._stop.is_set():
+                return
+            if self.db.is_postgres:
+                self._listener = wakeup.listen(self.db, self._notified, self._stop, channel=wakeup.CHAT_CHANNEL,
+                                               name="chat-listen") or threading.Thread()  # no driver support
+            else:
+                self._listener = threading.Thread(target=self._watch_sqlite, name="chat-watch", daemon=True)
+                self._listener.start()
+
+    def _watch_sqlite(self) -> None:
+        path = self.db.engine.url.database
+        if not path or path == ":memory:":
+            return  # a private database: every writer is in this process and wakes its polls itself
+        try:
+            # a connection of its own, in autocommit, so each look reads the newest commit
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=1)
+        except sqlite3.Error:
+            log.warning("chat watcher could not open %s; waiting polls re-check every %s s", path, RECHECK,
+                        exc_info=True)
+            return
+        try:
+            version = _data_version(conn)
+            while not self._stop.is_set():
+                if not self._count:
+                    self._someone.wait(1.0)
+                    self._someone.clear()
+                    continue
+                self._stop.wait(TICK)
+                now = _data_version(conn)
+                if now == version:
+                    continue
+                version = now
+                # read after the version, so a poll that starts waiting later reads past this change itself
+                with self._lock:
+                    waiting = {sid: min(watches.values()) for sid, watches in self._waiting.items()}
+                if waiting:
+                    marks = ",".join("?" * len(waiting))
+                    rows = conn.execute(f"SELECT session_id, max(seq) FROM {TABLE} WHERE session_id IN "
+                                        f"({marks}) GROUP BY session_id", list(waiting)).fetchall()
+                    self.written(sid for sid, top in rows if top > waiting[sid])
+        except sqlite3.Error:
+            log.warning("chat watcher stopped; waiting polls re-check every %s s", RECHECK, exc_info=True)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        listener = self._listener
+        if listener is not None and listener.ident is not None:
+            listener.join(timeout=5)
+
+
+def _data_version(conn) -> int:
+    return conn.execute("PRAGMA data_version").fetchone()[0]

@@ -1,0 +1,169 @@
+"""The web chat's waiting poll (GET .../messages?after=N&wait=S): it answers when the reply is written,
+in the same process or (PostgreSQL) another one, waits no longer than asked, holds no database
+connection while it waits, and never holds more than its share of the request threads.
+
+Each waiting poll here is given a 30 s re-check, so only the wake-up can answer it within seconds."""
+from __future__ import annotations
+
+import threading
+import time
+
+import requests
+
+from tests.conftest import ChatClient
+
+
+class Poll(threading.Thread):
+    """One GET ...?after=&wait= in a thread of its own: its answer and how long it took."""
+
+    def __init__(self, base: str, session_id: str, after: int, wait: int):
+        super().__init__(daemon=True)
+        self.url = f"{base}/chat/api/sessions/{session_id}/messages"
+        self.params = {"after": after, "wait": wait}
+        self.response: requests.Response | None = None
+        self.seconds: float | None = None
+        self.start()
+
+    def run(self):
+        started = time.monotonic()
+        self.response = requests.get(self.url, params=self.params, timeout=30)
+        self.seconds = time.monotonic() - started
+
+    def messages(self, timeout: float) -> list[dict]:
+        self.join(timeout)
+        assert not self.is_alive(), f"the poll did not answer within {timeout} s"
+        assert self.response.status_code == 200, self.response.text
+        return self.response.json()["messages"]
+
+
+def waiting(waiters, count: int = 1, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while waiters.waiting != count:
+        assert time.monotonic() < deadline, f"{waiters.waiting} polls waiting, expected {count}"
+        time.sleep(0.01)
+
+
+def customer_message(chat: ChatClient, text: str) -> None:
+    """Say `text` and read its echo, so `chat.after` is past it and only the bot's reply is new."""
+    chat.say(text)
+    assert [m["sender"] for m in chat.poll()] == ["customer"]
+
+
+def test_a_waiting_poll_answers_when_the_worker_writes_the_reply(any_db_url, live):
+    server = live(any_db_url, worker=False)
+    waiters = server.container.chat_waiters
+    waiters.recheck = 30
+    chat = ChatClient(server.url)
+    customer_message(chat, "what is 2fa?")
+    poll = Poll(server.url, chat.session_id, chat.after, wait=15)
+    waiting(waiters)
+    time.sleep(0.3)
+    assert poll.is_alive()  # nothing written yet: still waiting
+    if server.container.db.is_postgres:
+        assert server.container.db.engine.pool.checkedout() == 0  # no connection held while waiting
+
+    written = time.monotonic()
+    assert server.container.worker.run_once() > 0
+    messages = poll.messages(timeout=5)
+    assert [m["sender"] for m in messages] == ["bot"] and "two-factor" in messages[0]["text"].lower()
+    assert time.monotonic() - written < 3
+    assert waiters.waiting == 0
+
+
+def test_a_poll_in_the_web_process_wakes_when_a_worker_process_writes_the_reply(any_db_url, live,
+                                                                                make_container):
+    """The worker here has a database engine of its own, as a worker process would, so its commit calls
+    nothing in the web side: only PostgreSQL's NOTIFY (through the web side's listener) or, on SQLite,
+    the watcher's look at data_version can tell the waiting poll."""
+    web = live(any_db_url, worker=False)
+    web.container.chat_waiters.recheck = 30
+    worker = make_container(any_db_url)
+    chat = ChatClient(web.url)
+    customer_message(chat, "what is 2fa?")
+    poll = Poll(web.url, chat.session_id, chat.after, wait=15)
+    waiting(web.container.chat_waiters)
+    time.sleep(0.5)  # the listener, started by this first waiting poll, connects and wakes it once
+    assert poll.is_alive()
+
+    written = time.monotonic()
+    assert worker.worker.run_once() > 0
+    messages = poll.messages(timeout=5)
+    assert [m["sender"] for m in messages] == ["bot"]
+    assert time.monotonic() - written < 3
+
+
+def test_a_poll_waits_no_longer_than_asked_and_then_answers_empty(sqlite_url, live):
+    server = live(sqlite_url, worker=False)
+    chat = ChatClient(server.url)
+    poll = Poll(server.url, chat.session_id, chat.after, wait=1)
+    assert poll.messages(timeout=5) == []
+    assert 0.9 < poll.seconds < 3
+
+
+def test_a_waiting_poll_on_something_already_there_or_an_unknown_session_answers_at_once(sqlite_url, live):
+    server = live(sqlite_url, worker=False)
+    chat = ChatClient(server.url)
+    there = Poll(server.url, chat.session_id, 0, wait=20)
+    assert [m["sender"] for m in there.messages(timeout=5)] == ["bot"]  # the greeting
+    assert there.seconds < 1
+    unknown = Poll(server.url, "no-such-session", 0, wait=20)
+    unknown.join(5)
+    assert unknown.response.status_code == 404 and unknown.response.json()["error"] == "unknown_session"
+    assert unknown.seconds < 1
+
+
+def test_past_the_limit_a_poll_answers_at_once_and_the_waiting_ones_still_get_their_reply(sqlite_url, live):
+    """With every waiting slot taken, the next poll is a plain poll (answers at once, empty), so waiting
+    polls can never take all of a gunicorn process's request threads."""
+    server = live(sqlite_url, worker=False)
+    waiters = server.container.chat_waiters
+    waiters.limit, waiters.recheck = 2, 30
+    chats = [ChatClient(server.url) for _ in range(3)]
+    for chat in chats:
+        customer_message(chat, "what is 2fa?")
+    first, second = (Poll(server.url, chat.session_id, chat.after, wait=15) for chat in chats[:2])
+    waiting(waiters, 2)
+
+    third = Poll(server.url, chats[2].session_id, chats[2].after, wait=15)
+    assert third.messages(timeout=5) == [] and third.seconds < 1
+    assert first.is_alive() and second.is_alive()
+
+    server.container.worker.drain()
+    assert [m["sender"] for m in first.messages(timeout=5)] == ["bot"]
+    assert [m["sender"] for m in second.messages(timeout=5)] == ["bot"]
+    waiting(waiters, 0)
+    assert [m["sender"] for m in chats[2].poll()] == ["bot"]  # the plain poll's reply was only later
+
+
+def test_a_posted_message_with_after_answers_with_what_the_page_has_not_seen(any_db_url, live):
+    """With "after", the POST's answer is the transcript past it: a bot reply the page had not polled
+    for yet, then this message's own line as stored (redacted), so the page never skips a line."""
+    server = live(any_db_url, worker=False)
+    chat = ChatClient(server.url)
+    greeting = chat.after
+    first = requests.post(f"{server.url}/chat/api/sessions/{chat.session_id}/messages",
+                          json={"text": "what is 2fa?", "after": greeting}, timeout=10).json()
+    assert [(m["sender"], m["text"]) for m in first["messages"]] == [("customer", "what is 2fa?")]
+    assert first["duplicate"] is False
+    server.container.worker.drain()  # the reply is written; this page has not polled for it
+
+    second = requests.post(f"{server.url}/chat/api/sessions/{chat.session_id}/messages",
+                           json={"text": "my password is hunter2xyz", "after": first["messages"][0]["seq"],
+                                 "client_id": "c-2"}, timeout=10).json()
+    assert [m["sender"] for m in second["messages"]] == ["bot", "customer"]
+    assert "two-factor" in second["messages"][0]["text"].lower()
+    assert "hunter2xyz" not in second["messages"][1]["text"] and "[password hidden]" in second["messages"][1]["text"]
+    seqs = [m["seq"] for m in first["messages"] + second["messages"]]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+
+    # what a plain poll reads is the same lines; a retried POST is a duplicate and repeats them
+    assert [m["seq"] for m in requests.get(f"{server.url}/chat/api/sessions/{chat.session_id}/messages",
+                                           params={"after": greeting}, timeout=10).json()["messages"]] == seqs
+    again = requests.post(f"{server.url}/chat/api/sessions/{chat.session_id}/messages",
+                          json={"text": "my password is hunter2xyz", "after": first["messages"][0]["seq"],
+                                "client_id": "c-2"}, timeout=10).json()
+    assert again["duplicate"] is True and again["messages"] == second["messages"]
+    # without "after", the answer is as before: no transcript
+    plain = requests.post(f"{server.url}/chat/api/sessions/{chat.session_id}/messages",
+                          json={"text": "thanks"}, timeout=10).json()
+    assert plain == {"accepted": True, "duplicate": False}
