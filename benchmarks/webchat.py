@@ -101,7 +101,8 @@ def make_container(db_url: str, port: int, workdir: str, idle_sleep: float | Non
     return c
 
 
-def server_main(db_url: str, port: int, workdir: str, idle_sleep: float | None, pipe) -> None:
+def server_main(db_url: str, port: int, workdir: str, idle_sleep: float | None, pipe,
+                worker_mode: str = "thread") -> None:
     """Runs in a child process: the web server, plus (worker mode "thread") the worker in a thread of the
     same process, like `recoverybot serve`."""
     from werkzeug.serving import make_server
@@ -116,6 +117,11 @@ def server_main(db_url: str, port: int, workdir: str, idle_sleep: float | None, 
     add_bench_routes(app, c)
     server = make_server("127.0.0.1", port, app, threaded=True)
     c.chat_waiters.limit = SERVE_LIMIT  # as `recoverybot serve` sets it: a thread per request
+    # The client threads stand for different customers, who have addresses of their own; here they all
+    # come from 127.0.0.1, which the product would hold to 2 waiting polls.
+    c.chat_waiters.per_client = SERVE_LIMIT
+    if worker_mode == "thread":  # as `recoverybot serve` does: on SQLite it is the only writer
+        c.chat_waiters.watch_file = c.db.is_postgres
     freeze_heap()  # as `recoverybot serve` does
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     pipe.send(("ready", c.worker.idle_sleep))
@@ -178,7 +184,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.worker_proc = self.worker_pipe = None
         self.pipe, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=server_main, args=(db_url, self.port, workdir, idle_sleep, child),
+        self.proc = self.ctx.Process(target=server_main, args=(db_url, self.port, workdir, idle_sleep, child,
+                                                               worker_mode),
                                      name="bench-server", daemon=True)
         self.proc.start()
         child.close()

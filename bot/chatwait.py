@@ -14,8 +14,8 @@ A poll also looks again every RECHECK seconds, so a missed notification (the lis
 WORKER_LISTEN off) costs at most that much.
 
 A waiting poll holds a request thread, and gunicorn's threads (8 per process) also answer Slack's
-clicks, so only `limit` polls wait at once per process. Past that a poll answers at once, as a plain
-poll does, and the page looks again on its own schedule.
+clicks, so only `limit` polls wait at once per process, and PER_CLIENT from one address. Past that a
+poll answers at once, as a plain poll does, and the page looks again on its own schedule.
 """
 from __future__ import annotations
 
@@ -37,31 +37,39 @@ RECHECK = 0.5  # seconds between a waiting poll's own looks, whatever it was tol
 TICK = 0.01  # SQLite: seconds between the watcher's looks at data_version while polls wait
 SERVE_LIMIT = 64  # `recoverybot serve`: werkzeug starts a thread per request
 GUNICORN_LIMIT = 4  # `recoverybot web`: half of each process's 8 threads
+PER_CLIENT = 2  # waiting polls per client address: a page waits with one; two tabs of it with two
 
 
 class ChatWaiters:
     """The polls waiting in this process, by chat session."""
 
-    def __init__(self, db, *, limit: int = GUNICORN_LIMIT, listen: bool = True, recheck: float = RECHECK):
-        self.db, self.limit, self.listen, self.recheck = db, limit, listen, recheck
+    def __init__(self, db, *, limit: int = GUNICORN_LIMIT, per_client: int = PER_CLIENT, listen: bool = True,
+                 recheck: float = RECHECK):
+        self.db, self.limit, self.per_client, self.listen, self.recheck = db, limit, per_client, listen, recheck
+        # SQLite under `recoverybot serve`: this process is the only writer, and its commits wake its
+        # polls themselves, so there is nothing for the data_version watcher to find (serve sets False).
+        self.watch_file = True
         self._lock = threading.Lock()
         self._waiting: dict[str, dict[threading.Event, int]] = {}  # session -> {watch: its `after`}
         self._count = 0
+        self._by_client: dict[str, int] = {}
         self._someone = threading.Event()  # SQLite: wakes the idle watcher
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
 
     @contextmanager
-    def watching(self, session_id: str, after: int) -> Iterator[threading.Event | None]:
+    def watching(self, session_id: str, after: int, client: str = "") -> Iterator[threading.Event | None]:
         """An event that is set whenever a message of `session_id` past `after` may have been written,
-        from now until the block ends; None when `limit` polls already wait (the caller answers at
-        once)."""
+        from now until the block ends; None (the caller answers at once) when `limit` polls already wait,
+        or `per_client` polls from the same `client` (an IP address): sessions cost nothing to make, so one
+        client could otherwise hold every waiting slot."""
         watch = threading.Event()
         with self._lock:
-            if self._count >= self.limit:
+            if self._count >= self.limit or self._by_client.get(client, 0) >= self.per_client:
                 watch = None
             else:
                 self._count += 1
+                self._by_client[client] = self._by_client.get(client, 0) + 1
                 self._waiting.setdefault(session_id, {})[watch] = after
                 self._someone.set()
         if watch is None:
@@ -73,6 +81,9 @@ class ChatWaiters:
         finally:
             with self._lock:
                 self._count -= 1
+                self._by_client[client] -= 1
+                if not self._by_client[client]:
+                    del self._by_client[client]
                 watches = self._waiting[session_id]
                 del watches[watch]
                 if not watches:
@@ -109,6 +120,8 @@ class ChatWaiters:
             if self.db.is_postgres:
                 self._listener = wakeup.listen(self.db, self._notified, self._stop, channel=wakeup.CHAT_CHANNEL,
                                                name="chat-listen") or threading.Thread()  # no driver support
+            elif not self.watch_file:
+                self._listener = threading.Thread()  # never started: nothing to watch
             else:
                 self._listener = threading.Thread(target=self._watch_sqlite, name="chat-watch", daemon=True)
                 self._listener.start()
@@ -117,35 +130,39 @@ class ChatWaiters:
         path = self.db.engine.url.database
         if not path or path == ":memory:":
             return  # a private database: every writer is in this process and wakes its polls itself
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                self._watch_file(path)
+                return
+            except sqlite3.Error:  # polls re-check on their own meanwhile; try again, less and less often
+                log.warning("chat watcher lost %s; waiting polls re-check every %s s until it is back", path,
+                            RECHECK, exc_info=True)
+                self._stop.wait(delay)
+                delay = min(30.0, delay * 2)
+
+    def _watch_file(self, path: str) -> None:
+        # A connection of its own, in autocommit, so each look reads the newest commit.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=1)
         try:
-            # a connection of its own, in autocommit, so each look reads the newest commit
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=1)
-        except sqlite3.Error:
-            log.warning("chat watcher could not open %s; waiting polls re-check every %s s", path, RECHECK,
-                        exc_info=True)
-            return
-        try:
-            version = _data_version(conn)
+            version = None  # the first look always asks: a commit may have come before this thread started
             while not self._stop.is_set():
                 if not self._count:
                     self._someone.wait(1.0)
                     self._someone.clear()
                     continue
-                self._stop.wait(TICK)
                 now = _data_version(conn)
-                if now == version:
-                    continue
-                version = now
-                # read after the version, so a poll that starts waiting later reads past this change itself
-                with self._lock:
-                    waiting = {sid: min(watches.values()) for sid, watches in self._waiting.items()}
-                if waiting:
-                    marks = ",".join("?" * len(waiting))
-                    rows = conn.execute(f"SELECT session_id, max(seq) FROM {TABLE} WHERE session_id IN "
-                                        f"({marks}) GROUP BY session_id", list(waiting)).fetchall()
-                    self.written(sid for sid, top in rows if top > waiting[sid])
-        except sqlite3.Error:
-            log.warning("chat watcher stopped; waiting polls re-check every %s s", RECHECK, exc_info=True)
+                if now != version:
+                    version = now
+                    # read after the version, so a poll that starts waiting later reads past this change
+                    with self._lock:
+                        waiting = {sid: min(watches.values()) for sid, watches in self._waiting.items()}
+                    if waiting:
+                        marks = ",".join("?" * len(waiting))
+                        rows = conn.execute(f"SELECT session_id, max(seq) FROM {TABLE} WHERE session_id IN "
+                                            f"({marks}) GROUP BY session_id", list(waiting)).fetchall()
+                        self.written(sid for sid, top in rows if top > waiting[sid])
+                self._stop.wait(TICK)
         finally:
             conn.close()
 

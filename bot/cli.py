@@ -105,6 +105,7 @@ def serve(demo: bool):
     app = create_app(c)
     server = make_server(c.settings.HOST, c.settings.PORT, app, threaded=True)
     c.chat_waiters.limit = SERVE_LIMIT  # a thread per request here, not gunicorn's fixed 8
+    c.chat_waiters.watch_file = c.db.is_postgres  # SQLite: this process is its only writer
     freeze_heap()
     c.worker.beat()  # ready from the first request on: the worker thread's own first beat can come later
     thread = threading.Thread(target=c.worker.run_forever, name="worker", daemon=True)

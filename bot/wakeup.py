@@ -27,23 +27,28 @@ ANY = "any"  # (re)connected: whatever was stored while not listening is waiting
 RECONNECT_FIRST, RECONNECT_CAP = 0.2, 2.0  # seconds between attempts while the database is down
 
 
-def install(db, on_chat_written: Callable[[set], None] | None = None) -> None:
+def install(db, on_committed: Callable[[set, set], None] | None = None) -> None:
     """Make every write transaction of `db` that adds inbox events or outbox messages notify on commit
-    (PostgreSQL), and one that writes chat messages call `on_chat_written(session ids)` once committed
-    (any database). Installed once per `db`; a second call changes nothing."""
+    (PostgreSQL), and call `on_committed(stored, chats)` once it has committed (any database): `stored`
+    the kinds it stored (INBOX, EMAIL, OUTBOX), `chats` the chat sessions it wrote messages of.
+    Installed once per `db`; a second call changes nothing."""
     if event.contains(db.sessions, "after_flush", _note_flushed):
         return
     event.listen(db.sessions, "after_flush", _note_flushed)
+    event.listen(db.sessions, "do_orm_execute", _note_inserted)
     event.listen(db.sessions, "after_rollback", _forget)
 
-    def chat_committed(session) -> None:
-        chats = session.info.pop("recoverybot_chats", None)
-        if chats and on_chat_written is not None:
-            on_chat_written(chats)
+    def committed(session) -> None:
+        if session.in_nested_transaction():
+            return  # a savepoint's release (SQLAlchemy calls this hook for it too): nothing is committed yet
+        stored = session.info.pop("recoverybot_stored", None) or set()
+        chats = session.info.pop("recoverybot_chats", None) or set()
+        session.info.pop("recoverybot_announced", None)
+        if (stored or chats) and on_committed is not None:
+            on_committed(stored, chats)
 
-    event.listen(db.sessions, "after_commit", chat_committed)
+    event.listen(db.sessions, "after_commit", committed)
     if db.is_postgres:
-        event.listen(db.sessions, "do_orm_execute", _note_inserted)
         event.listen(db.sessions, "before_commit", _notify)
 
 
@@ -86,8 +91,8 @@ def _notify(session) -> None:
     if session.in_nested_transaction():
         return  # a savepoint's release; the real commit announces it with the rest
     session.flush()  # commit flushes after this hook: what is still pending (a chat reply) is noted now
-    stored = session.info.pop("recoverybot_stored", None) or ()
-    chats = set(session.info.get("recoverybot_chats") or ()) - session.info.pop("recoverybot_announced", set())
+    stored = session.info.get("recoverybot_stored") or ()  # kept for the after_commit call, as are chats
+    chats = set(session.info.get("recoverybot_chats") or ()) - session.info.get("recoverybot_announced", set())
     if stored or chats:
         session.connection().execute(select(*(func.pg_notify(CHANNEL, what) for what in sorted(stored)),
                                             *(func.pg_notify(CHAT_CHANNEL, chat) for chat in sorted(chats))))
@@ -109,7 +114,10 @@ def announcing(statement, what: str = INBOX):
 
 def _forget(session) -> None:
     if session.in_nested_transaction():
-        return  # a savepoint rolled back: what the enclosing transaction stored is still to be announced
+        # A savepoint rolled back: what the enclosing transaction stored is still to be announced, but a
+        # pg_notify run inside the savepoint is undone with it, so the commit announces every chat again.
+        session.info.pop("recoverybot_announced", None)
+        return
     for key in ("recoverybot_stored", "recoverybot_chats", "recoverybot_announced"):
         session.info.pop(key, None)
 

@@ -115,6 +115,8 @@ def post_message(session_id: str):
     now = c.clock.now()
     conversation = f"webchat:{session_id}"
     delivery_key = f"{conversation}:{client_id or uuid.uuid4().hex}"
+    # Sealed and redacted before the transaction: on SQLite every write waits for the one before it.
+    sealed, redacted = c.keyring.encrypt(text), redact_text(text)
     with c.db.transaction() as s:
         # Locking the session row orders this session's inserts, so `seq` follows commit order
         # and a poller reading `seq > after` cannot skip a message that commits late.
@@ -123,10 +125,10 @@ def post_message(session_id: str):
             raise ApiError(404, "unknown_session", "no chat session with that id; create one first")
         # The transcript keeps a redacted copy; the inbox keeps the text encrypted until processed.
         stored = inbox.add(s, source="webchat", delivery_key=delivery_key, conversation_key=conversation,
-                           now=now, payload={"session_id": session_id, "text_enc": c.keyring.encrypt(text),
+                           now=now, payload={"session_id": session_id, "text_enc": sealed,
                                              "ip": request.remote_addr, "locale": chat.locale})
         if stored:
-            s.add(ChatMessage(session_id=session_id, sender="customer", text=redact_text(text), buttons=[],
+            s.add(ChatMessage(session_id=session_id, sender="customer", text=redacted, buttons=[],
                               created_at=now))
         # Read under the session's lock, so nothing of this session can commit in between unseen.
         lines = None if after is None else s.execute(_PAGE, {"session_id": session_id, "after": after}).all()
@@ -158,7 +160,7 @@ def list_messages(session_id: str):
     deadline = time.monotonic() + int(wait)
     # Watching starts before the first read, so a message committed between the read and the wait
     # still wakes this poll. No database connection is held while it waits.
-    with c.chat_waiters.watching(session_id, int(after)) as written:
+    with c.chat_waiters.watching(session_id, int(after), request.remote_addr or "") as written:
         while True:
             rows = _read(c, params)
             left = deadline - time.monotonic()

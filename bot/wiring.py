@@ -69,8 +69,17 @@ def build(settings: Settings, *, clock: Clock | None = None, db: Database | None
     clock = clock or Clock()
     db = db or Database(settings.DATABASE_URL)
     chat_waiters = ChatWaiters(db, listen=settings.WORKER_LISTEN)
-    # on PostgreSQL, stored work NOTIFYs the worker processes; written chat messages wake waiting polls
-    wakeup.install(db, chat_waiters.written)
+    worker = None
+
+    def committed(stored: set, chats: set) -> None:
+        if chats:
+            chat_waiters.written(chats)
+        if stored and worker is not None:
+            worker.stored(stored)
+
+    # On PostgreSQL stored work NOTIFYs the worker processes; in this process a commit tells the worker
+    # what it stored, and wakes the chat polls waiting for the messages it wrote.
+    wakeup.install(db, committed)
     keyring = keyring_for(settings)
     renderer = Renderer(override_dir=settings.TEMPLATES_DIR or None,
                         globals={"brand_name": settings.BRAND_NAME, "support_email": settings.SUPPORT_EMAIL})

@@ -33,6 +33,9 @@ class Worker:
         self._beat_at = None
         self.last_pass = None  # time.monotonic() of the last finished pass, for the worker's /healthz
         self.last_pass_full = False  # whether a queue filled its batch in the last pass: more may wait
+        self._looked_at = None  # time.monotonic() of run_forever's last look at timers and the outbox
+        self._outbox_hint = False  # outbox messages were stored since the outbox was last looked at
+        self._hint_lock = threading.Lock()
 
     def wake(self) -> None:
         """Called by a route that stored an event in this process (`recoverybot serve`), so the
@@ -41,11 +44,26 @@ class Worker:
 
     def _notified(self, what: str) -> None:
         """Another process stored work (bot/wakeup.py): email wakes the mail loop, the rest the main one,
-        and a reconnect (after which anything may have been missed) wakes both."""
-        if what != wakeup.EMAIL:
+        and a reconnect (after which anything may have been missed) wakes both for a full look."""
+        if what == wakeup.ANY:
+            self._looked_at = None
+        self.stored({what})
+
+    def stored(self, kinds: set) -> None:
+        """Work was stored, by a transaction of this process that committed (bot/wiring.py) or of another
+        one (its NOTIFY)."""
+        if kinds & {wakeup.OUTBOX, wakeup.ANY}:
+            with self._hint_lock:
+                self._outbox_hint = True
+        if kinds - {wakeup.EMAIL}:
             self.wake_event.set()
-        if what in (wakeup.EMAIL, wakeup.ANY):
+        if kinds & {wakeup.EMAIL, wakeup.ANY}:
             self.mail_wake.set()
+
+    def _take_outbox_hint(self) -> bool:
+        with self._hint_lock:
+            hinted, self._outbox_hint = self._outbox_hint, False
+        return hinted
 
     def beat(self, now=None) -> None:
         """Say this worker is alive (what the web process's /readyz reads)."""
@@ -69,13 +87,17 @@ class Worker:
                 if result is not None:
                     log.info("daily purge: %s", ", ".join(f"{k} {n}" for k, n in result.counts.items()))
 
-    def run_once(self, batch: int = 50, inbox_batch: int = 10, lane=None) -> int:
+    def run_once(self, batch: int = 50, inbox_batch: int = 10, lane=None, *, look_all: bool = True) -> int:
         """One pass over the three queues; returns how many items were handled. `lane` limits which
         outbox messages this pass sends (run_forever sends email from a loop of its own).
 
         The inbox batch is small so replies go out soon after their message, not after a long backlog; and
         what those events owe an approver (the outcome of a decision) goes out before timers and the rest
         of the outbox.
+
+        With `look_all` false (run_forever, between its regular looks) the pass looks at the inbox, and at
+        the outbox only when messages were stored since its last look; timers and retries that come due
+        wait for the next regular look.
         """
         done, full = 0, False
         for _ in range(inbox_batch):
@@ -85,20 +107,24 @@ class Worker:
             done += 1
         else:
             full = True
-        if done and lane in (None, OTHER_LANE):
+        # taken before sending, so what is stored from here on is seen by this pass or the next
+        outbox = self._take_outbox_hint() or look_all
+        if done and lane in (None, OTHER_LANE) and outbox:
             with unit_of_work():
                 sent = self.dispatcher.run_once(batch, APPROVER_LANE)
             done, full = done + sent, full or sent >= batch
-        for _ in range(batch):
+        if look_all:
+            for _ in range(batch):
+                with unit_of_work():
+                    if not self.recovery.fire_due_timer():
+                        break
+                done += 1
+            else:
+                full = True
+        if self._take_outbox_hint() or outbox:
             with unit_of_work():
-                if not self.recovery.fire_due_timer():
-                    break
-            done += 1
-        else:
-            full = True
-        with unit_of_work():
-            sent = self.dispatcher.run_once(batch, lane)
-        done, full = done + sent, full or sent >= batch
+                sent = self.dispatcher.run_once(batch, lane)
+            done, full = done + sent, full or sent >= batch
         self._housekeeping()
         self.last_pass, self.last_pass_full = time.monotonic(), full
         return done
@@ -132,9 +158,17 @@ class Worker:
     # waiting: whatever the pass itself wrote (a reply's outbox message, a timer's) was sent later in
     # the same pass, and work stored meanwhile has set the wake event. Going again after every busy pass
     # cost each message a second, empty pass: three transactions and their pool pings.
+    #
+    # Timers, and outbox messages waiting for a retry, are looked at every idle_sleep seconds, not in
+    # every pass: a pass woken for one chat message used to lease the outbox twice and claim timers, as
+    # many transactions as the message's own turn. Stored outbox and email messages are announced (see
+    # stored()), so they are still sent at once; the mail loop is woken only for email.
     def _main_pass(self) -> bool:
-        if self.run_once(lane=OTHER_LANE):
-            self.mail_wake.set()  # whatever this pass did may have written email
+        now = time.monotonic()
+        look_all = self._looked_at is None or now - self._looked_at >= self.idle_sleep
+        if look_all:
+            self._looked_at = now
+        self.run_once(lane=OTHER_LANE, look_all=look_all)
         return self.last_pass_full
 
     def _mail_pass(self) -> bool:

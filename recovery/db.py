@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections import deque
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -83,26 +84,44 @@ class _Writer:
     handler, which sleeps in steps of up to 100 ms and tries again, so under steady writes from this
     process's own threads (the web threads' stores, the worker's turns) an unlucky writer lost again and
     again: a chat message's store waited up to 0.75 s, and its reply as long. Writers of this process
-    queue on this lock instead, taken before BEGIN IMMEDIATE and given back when the connection returns
-    to the pool, and are let in as soon as the one before them ends. The busy handler is left to other
-    processes. Waiting as long as the busy timeout, then failing as SQLite would, keeps a writer that
-    waits on itself (a second write transaction opened inside a first) from hanging for ever."""
+    queue here instead, first come first served, before BEGIN IMMEDIATE, and the turn passes on when the
+    connection returns to the pool; the busy handler is left to other processes. A writer that waits
+    longer than the busy timeout fails as SQLite would, so one that waits on itself (a second write
+    transaction opened inside a first) fails rather than hangs."""
 
     def __init__(self, wait: float):
-        self.lock, self.wait, self.holder = threading.Lock(), wait, None
+        self.wait = wait
+        self.holder = None  # the DBAPI connection whose transaction writes now
+        self._mutex = threading.Lock()
+        self._queue: deque[tuple[object, threading.Event]] = deque()
 
     def take(self, dbapi_conn) -> None:
-        if self.holder is dbapi_conn:
-            return  # this connection's next transaction (a Core connection that committed and goes on)
-        if not self.lock.acquire(timeout=self.wait):
-            raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, sqlite3.OperationalError(
-                f"database is locked: another writer of this process held it for {self.wait:g} s"))
-        self.holder = dbapi_conn
+        with self._mutex:
+            if self.holder is dbapi_conn:
+                return  # this connection's next transaction (a Core connection that committed and goes on)
+            if self.holder is None and not self._queue:
+                self.holder = dbapi_conn
+                return
+            turn = (dbapi_conn, threading.Event())
+            self._queue.append(turn)
+        if turn[1].wait(self.wait):
+            return  # handed over by give_back: holder is this connection
+        with self._mutex:
+            if self.holder is dbapi_conn:
+                return  # handed over just as the wait ran out
+            self._queue.remove(turn)
+        raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, sqlite3.OperationalError(
+            f"database is locked: this process's other writers held it for {self.wait:g} s"))
 
     def give_back(self, dbapi_conn) -> None:
-        if dbapi_conn is not None and self.holder is dbapi_conn:
-            self.holder = None
-            self.lock.release()
+        with self._mutex:
+            if dbapi_conn is None or self.holder is not dbapi_conn:
+                return
+            if self._queue:
+                self.holder, handed = self._queue.popleft()
+                handed.set()
+            else:
+                self.holder = None
 
 
 def make_engine(url: str, *, busy_seconds: float = SQLITE_BUSY_SECONDS, **kwargs) -> Engine:

@@ -52,8 +52,12 @@ def folder_mails(c, template: str | None = None, *, case_id: str | None = None, 
     return found
 
 
-def last_mail(c, template: str, case_id: str | None = None):
-    mails = folder_mails(c, template, case_id=case_id)
+def last_mail(c, template: str, case_id: str | None = None, timeout: float = 10):
+    """The newest such email, waiting for it: with a live worker running, its mail loop may be the one
+    sending it while the test's own drain finds nothing left to send."""
+    deadline = time.monotonic() + timeout
+    while not (mails := folder_mails(c, template, case_id=case_id)) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert mails, f"no {template!r} email" + (f" for {case_id}" if case_id else "")
     return mails[-1]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import requests
 
 from tests.conftest import ChatClient
@@ -112,27 +113,30 @@ def test_a_waiting_poll_on_something_already_there_or_an_unknown_session_answers
     assert unknown.seconds < 1
 
 
-def test_past_the_limit_a_poll_answers_at_once_and_the_waiting_ones_still_get_their_reply(sqlite_url, live):
-    """With every waiting slot taken, the next poll is a plain poll (answers at once, empty), so waiting
-    polls can never take all of a gunicorn process's request threads."""
+@pytest.mark.parametrize("limit, chats", [(1, 2), (64, 3)], ids=["process limit", "per-address limit"])
+def test_past_the_limits_a_poll_answers_at_once_and_the_waiting_ones_still_get_their_reply(sqlite_url, live,
+                                                                                          limit, chats):
+    """With every waiting slot of the process taken, or the two of one address (these clients all come
+    from 127.0.0.1), the next poll is a plain poll (answers at once, empty), so waiting polls can never
+    take all of a gunicorn process's request threads."""
     server = live(sqlite_url, worker=False)
     waiters = server.container.chat_waiters
-    waiters.limit, waiters.recheck = 2, 30
-    chats = [ChatClient(server.url) for _ in range(3)]
-    for chat in chats:
+    waiters.limit, waiters.recheck = limit, 30
+    clients = [ChatClient(server.url) for _ in range(chats)]
+    for chat in clients:
         customer_message(chat, "what is 2fa?")
-    first, second = (Poll(server.url, chat.session_id, chat.after, wait=15) for chat in chats[:2])
-    waiting(waiters, 2)
+    polls = [Poll(server.url, chat.session_id, chat.after, wait=15) for chat in clients[:-1]]
+    waiting(waiters, len(polls))
 
-    third = Poll(server.url, chats[2].session_id, chats[2].after, wait=15)
-    assert third.messages(timeout=5) == [] and third.seconds < 1
-    assert first.is_alive() and second.is_alive()
+    last = Poll(server.url, clients[-1].session_id, clients[-1].after, wait=15)
+    assert last.messages(timeout=5) == [] and last.seconds < 1
+    assert all(poll.is_alive() for poll in polls)
 
     server.container.worker.drain()
-    assert [m["sender"] for m in first.messages(timeout=5)] == ["bot"]
-    assert [m["sender"] for m in second.messages(timeout=5)] == ["bot"]
+    for poll in polls:
+        assert [m["sender"] for m in poll.messages(timeout=5)] == ["bot"]
     waiting(waiters, 0)
-    assert [m["sender"] for m in chats[2].poll()] == ["bot"]  # the plain poll's reply was only later
+    assert [m["sender"] for m in clients[-1].poll()] == ["bot"]  # the plain poll's reply was only later
 
 
 def test_a_posted_message_with_after_answers_with_what_the_page_has_not_seen(any_db_url, live):
@@ -167,3 +171,49 @@ def test_a_posted_message_with_after_answers_with_what_the_page_has_not_seen(any
     plain = requests.post(f"{server.url}/chat/api/sessions/{chat.session_id}/messages",
                           json={"text": "thanks"}, timeout=10).json()
     assert plain == {"accepted": True, "duplicate": False}
+
+
+def test_a_commit_is_announced_once_when_it_commits_not_when_a_savepoint_is_released(any_db_url, make_container):
+    """SQLAlchemy calls its commit hook for a savepoint's release too; only the real commit may wake
+    anyone, with everything the transaction wrote, and on PostgreSQL both NOTIFYs go out at commit."""
+    import psycopg
+
+    from bot import wakeup
+    from recovery.db import Database
+    from recovery.models import ChatMessage, ChatSession
+    from recovery.outbox import enqueue
+
+    c = make_container(any_db_url)  # migrated schema
+    db = Database(any_db_url)
+    calls = []
+    wakeup.install(db, lambda stored, chats: calls.append((set(stored), set(chats), committed[0])))
+    committed = [False]
+    listener = None
+    if db.is_postgres:
+        listener = psycopg.connect(db.engine.url.set(drivername="postgresql").render_as_string(False),
+                                   autocommit=True)
+        listener.execute(f"LISTEN {wakeup.CHANNEL}")
+        listener.execute(f"LISTEN {wakeup.CHAT_CHANNEL}")
+    try:
+        with db.transaction() as s:
+            s.add(ChatSession(id="S-savepoint", locale="en", created_at=c.clock.now()))
+            s.add(ChatMessage(session_id="S-savepoint", sender="bot", text="hello", buttons=[],
+                              created_at=c.clock.now()))
+            enqueue(s, c.keyring, kind="intercom", key="k-savepoint", payload={"conversation": "ic:1"},
+                    now=c.clock.now())
+            with s.begin_nested():
+                pass
+            assert calls == []  # released, not committed
+            with pytest.raises(ZeroDivisionError):
+                with s.begin_nested():
+                    1 / 0
+            assert calls == []
+            committed[0] = True
+        assert calls == [({wakeup.OUTBOX}, {"S-savepoint"}, True)]
+        if listener is not None:
+            notes = {(n.channel, n.payload) for n in listener.notifies(timeout=2, stop_after=2)}
+            assert notes == {(wakeup.CHANNEL, wakeup.OUTBOX), (wakeup.CHAT_CHANNEL, "S-savepoint")}
+    finally:
+        if listener is not None:
+            listener.close()
+        db.dispose()
