@@ -168,7 +168,17 @@ class Worker:
         look_all = self._looked_at is None or now - self._looked_at >= self.idle_sleep
         if look_all:
             self._looked_at = now
-        self.run_once(lane=OTHER_LANE, look_all=look_all)
+        try:
+            self.run_once(lane=OTHER_LANE, look_all=look_all)
+        except BaseException:
+            # The retry (in 0.1 to 1 s) looks at everything again: this pass may have used the hint, or
+            # given back leases, before it failed.
+            self._looked_at = None
+            with self._hint_lock:
+                self._outbox_hint = True
+            raise
+        if self.last_pass_full:
+            self._looked_at = None  # a full batch of timers or messages: the next pass, at once, goes on
         return self.last_pass_full
 
     def _mail_pass(self) -> bool:

@@ -104,8 +104,16 @@ class _Writer:
                 return
             turn = (dbapi_conn, threading.Event())
             self._queue.append(turn)
-        if turn[1].wait(self.wait):
-            return  # handed over by give_back: holder is this connection
+        try:
+            if turn[1].wait(self.wait):
+                return  # handed over by give_back: holder is this connection
+        except BaseException:  # interrupted (Ctrl-C in a CLI command): leave the queue as if never here
+            with self._mutex:
+                if self.holder is dbapi_conn:
+                    self._pass_on()
+                else:
+                    self._queue.remove(turn)
+            raise
         with self._mutex:
             if self.holder is dbapi_conn:
                 return  # handed over just as the wait ran out
@@ -115,13 +123,15 @@ class _Writer:
 
     def give_back(self, dbapi_conn) -> None:
         with self._mutex:
-            if dbapi_conn is None or self.holder is not dbapi_conn:
-                return
-            if self._queue:
-                self.holder, handed = self._queue.popleft()
-                handed.set()
-            else:
-                self.holder = None
+            if dbapi_conn is not None and self.holder is dbapi_conn:
+                self._pass_on()
+
+    def _pass_on(self) -> None:  # called with the mutex held
+        if self._queue:
+            self.holder, handed = self._queue.popleft()
+            handed.set()
+        else:
+            self.holder = None
 
 
 def make_engine(url: str, *, busy_seconds: float = SQLITE_BUSY_SECONDS, **kwargs) -> Engine:
