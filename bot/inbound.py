@@ -39,7 +39,16 @@ def make_handler(deps, keyring, *, intercom=None, slack=None):
             Dialog(session, deps).not_handled(event.conversation_key, turn=str(event.id),
                                               locale=(event.payload or {}).get("locale"))
 
+    def delayed(session: Session, event: InboxEvent) -> None:
+        """The event's first attempt met a service that did not answer, and it waits to be tried again:
+        a customer is told once that their message is waiting. (An approver's modal says "Recording…"
+        until the outcome, and give_up tells them if there is none.)"""
+        if event.source in ("webchat", "intercom"):
+            Dialog(session, deps).delayed(event.conversation_key, turn=str(event.id),
+                                          locale=(event.payload or {}).get("locale"))
+
     if intercom is not None:  # only Intercom events have network work to do before the transaction
         handle.prepare = prepare
     handle.give_up = give_up
+    handle.delayed = delayed
     return handle

@@ -109,8 +109,7 @@ def timed_handler(handler, metrics, clock):
             metrics.reply_delivered(event.conversation_key, "webchat", clock())
         return result
 
-    if hasattr(handler, "prepare"):
-        handle.prepare = handler.prepare
-    if hasattr(handler, "give_up"):
-        handle.give_up = handler.give_up
+    for hook in ("prepare", "give_up", "delayed"):  # what recovery.inbox looks for on a handler
+        if hasattr(handler, hook):
+            setattr(handle, hook, getattr(handler, hook))
     return handle

@@ -105,11 +105,19 @@ class Dialog:
     def not_handled(self, conversation_key: str, turn: str, locale: str | None = None) -> None:
         """A customer's message failed for the last time (recovery.inbox gave up on it): say so, rather
         than leave them waiting for a reply that will never come. Keyed by the turn, so said once."""
+        self._about_turn(conversation_key, turn, locale, "not_handled")
+
+    def delayed(self, conversation_key: str, turn: str, locale: str | None = None) -> None:
+        """A customer's message waits for a service that did not answer (recovery.inbox tries it again in
+        seconds to minutes): say so once, so they neither wait in silence nor send it again."""
+        self._about_turn(conversation_key, turn, locale, "delayed")
+
+    def _about_turn(self, conversation_key: str, turn: str, locale: str | None, message: str) -> None:
         conv = self.s.get(Conversation, conversation_key)
         if conv is not None:
             locale = conv.locale
-        self.cases.notify.chat(None, conversation_key, "not_handled", locale=_known_locale(locale),
-                               key=f"{conversation_key}:{turn}:not-handled")
+        self.cases.notify.chat(None, conversation_key, message, locale=_known_locale(locale),
+                               key=f"{conversation_key}:{turn}:{message.replace('_', '-')}")
 
     def say(self, conv: Conversation, message: str, *buttons: str, **context) -> None:
         self.cases.notify.chat(None, conv.key, message, locale=conv.locale, buttons=buttons,

@@ -194,20 +194,31 @@ def process_one(db, handler: Handler, now_fn) -> bool:
 def _failed(session: Session, event: InboxEvent, error: str, handler, *,
             hold_from: datetime | None = None) -> None:
     """Count a failed attempt. With `hold_from` (another service did not answer), the next attempt waits
-    OUTAGE_RETRY_SECONDS from then. On the last attempt, whoever sent the event is told that nothing
+    OUTAGE_RETRY_SECONDS from then, and on the first such failure the sender is told it is waiting (the
+    handler's `delayed`: a customer). On the last attempt, whoever sent the event is told that nothing
     came of it (the handler's `give_up`: a Slack approver, a customer)."""
     event.attempts += 1
     event.last_error = error[:2000]
     if hold_from is not None and event.attempts < MAX_ATTEMPTS:
         wait = OUTAGE_RETRY_SECONDS[min(event.attempts, len(OUTAGE_RETRY_SECONDS)) - 1]
         event.retry_at = hold_from + timedelta(seconds=wait)
-    give_up = getattr(handler, "give_up", None)
-    if event.attempts >= MAX_ATTEMPTS and give_up is not None:
-        try:
-            with session.begin_nested():
-                give_up(session, event)
-        except Exception:  # noqa: BLE001 - the attempt must be counted all the same
-            log.exception("inbox event %s: giving up failed too", event.id)
+        if event.attempts == 1:
+            _tell(session, event, handler, "delayed")
+    if event.attempts >= MAX_ATTEMPTS:
+        _tell(session, event, handler, "give_up")
+
+
+def _tell(session: Session, event: InboxEvent, handler, hook: str) -> None:
+    """Run the handler's `hook(session, event)`, if it has one, in a savepoint: the attempt must be
+    counted all the same when telling fails."""
+    tell = getattr(handler, hook, None)
+    if tell is None:
+        return
+    try:
+        with session.begin_nested():
+            tell(session, event)
+    except Exception:  # noqa: BLE001 - see above
+        log.exception("inbox event %s: %s failed too", event.id, hook)
 
 
 def _cut_off_count(db, event_id: int) -> int:

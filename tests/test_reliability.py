@@ -607,8 +607,9 @@ def test_an_event_given_up_between_its_peek_and_its_claim_is_not_handled(make_co
 
 
 def test_a_short_account_service_outage_delays_a_reply_and_loses_nothing(sqlite_url, live):
-    """The account API down for 2 s while a customer gives their address: the message is tried again after
-    OUTAGE_RETRY_SECONDS[0] rather than used up in a second, and the customer gets the usual reply."""
+    """The account API down for 2 s while a customer gives their address: the customer is told at once,
+    and once, that the message is waiting; it is tried again after OUTAGE_RETRY_SECONDS[0] rather than
+    used up in a second, and the customer gets the usual reply."""
     from tests.account_backend import AccountBackend, record
 
     backend = AccountBackend()
@@ -621,15 +622,19 @@ def test_a_short_account_service_outage_delays_a_reply_and_loses_nothing(sqlite_
         back = threading.Timer(2.0, backend.failing.clear)
         back.start()
         started = time.monotonic()
-        assert "emailed it a 6-digit verification code" in chat.ask("alex@example.com", timeout=20)
+        assert chat.ask("alex@example.com", timeout=5).startswith("One moment: a service I need isn't answering")
+        told = time.monotonic() - started
+        assert "emailed it a 6-digit verification code" in chat.reply(timeout=20)
         waited = time.monotonic() - started
         with server.container.db.reading() as s:
             attempts = {e.delivery_key: (e.attempts, e.processed_at is not None) for e in s.scalars(select(InboxEvent))}
     finally:
         back.cancel()
         backend.close()
+    assert told < 3, told  # told at the first failure that the message waits, not after the wait
     assert inbox.OUTAGE_RETRY_SECONDS[0] <= waited < inbox.OUTAGE_RETRY_SECONDS[0] + 5, waited
     assert sorted(attempts.values()) == [(0, True), (1, True)], attempts
+    assert len([m for m in chat.seen if m["text"].startswith("One moment")]) == 1
 
 
 def test_a_message_given_up_on_tells_the_customer_and_the_next_one_is_answered(sqlite_url, make_container):
@@ -659,13 +664,15 @@ def test_a_message_given_up_on_tells_the_customer_and_the_next_one_is_answered(s
         before = bot_lines()
         backend.failing.add("accounts/lookup")
         say("alex@example.com")
+        waiting = ["One moment: a service I need isn't answering right now, so your message is waiting. "
+                   "I'll reply as soon as it's back; there's no need to send it again."]
         for wait in inbox.OUTAGE_RETRY_SECONDS:
-            assert bot_lines() == before  # nothing yet: the message waits for its next attempt
+            assert bot_lines() == before + waiting  # told once that it waits, then nothing until it ends
             clock.advance(seconds=wait)
             c.worker.drain()
         told = bot_lines()[len(before):]
-        assert told == ["Sorry, something went wrong on our side and I couldn't act on your last message. "
-                        "Please try again in a few minutes."], told
+        assert told == waiting + ["Sorry, something went wrong on our side and I couldn't act on your last "
+                                  "message. Please try again in a few minutes."], told
         with c.db.reading() as s:
             given_up = s.scalars(select(InboxEvent).where(InboxEvent.attempts >= inbox.MAX_ATTEMPTS)).all()
             assert len(given_up) == 1 and "503" in given_up[0].last_error
@@ -674,6 +681,6 @@ def test_a_message_given_up_on_tells_the_customer_and_the_next_one_is_answered(s
         assert bot_lines()[len(before):] == told  # said once
         backend.failing.clear()
         say("alex@example.com")
-        assert len(bot_lines()) == len(before) + 2 and "6" in bot_lines()[-1]
+        assert len(bot_lines()) == len(before) + 3 and "6" in bot_lines()[-1]
     finally:
         backend.close()
