@@ -6,7 +6,9 @@ writes web-chat messages notifies CHAT_CHANNEL with each session's id, for the w
 
 Polling stays: a worker that is not listening (reconnecting after a database restart, or WORKER_LISTEN
 off because a pooler in transaction mode cannot carry LISTEN) still finds the work on its next tick.
-On SQLite there is one process (`recoverybot serve`) and routes call `Worker.wake()` directly.
+On SQLite there is one process (`recoverybot serve`): there the commit itself tells the worker thread
+(install's `on_committed`), and a route that stores on a plain connection, outside the session and its
+hooks (a Slack submission), calls `Worker.wake()`.
 """
 from __future__ import annotations
 

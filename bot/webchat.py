@@ -132,9 +132,8 @@ def post_message(session_id: str):
                               created_at=now))
         # Read under the session's lock, so nothing of this session can commit in between unseen.
         lines = None if after is None else s.execute(_PAGE, {"session_id": session_id, "after": after}).all()
+    # The commit woke this process's worker (bot/wakeup.py) and, on PostgreSQL, notified the others.
     c.metrics.inbox("webchat", "stored" if stored else "duplicate")
-    if stored:
-        c.worker.wake()
     if lines is None:
         return jsonify(accepted=True, duplicate=not stored), 202
     # What the page has not seen yet, this message's own (redacted) line included: it shows the line at
@@ -154,13 +153,14 @@ def list_messages(session_id: str):
         raise ApiError(400, "bad_wait", f"wait must be a whole number of seconds from 0 to {MAX_WAIT}")
     if not SESSION_ID.fullmatch(session_id):
         raise ApiError(404, "unknown_session", "no chat session with that id")
-    params = {"session_id": session_id, "after": int(after)}
-    if int(wait) == 0:
+    after, wait = int(after), int(wait)
+    params = {"session_id": session_id, "after": after}
+    if not wait:
         return _page(_read(c, params))
-    deadline = time.monotonic() + int(wait)
+    deadline = time.monotonic() + wait
     # Watching starts before the first read, so a message committed between the read and the wait
     # still wakes this poll. No database connection is held while it waits.
-    with c.chat_waiters.watching(session_id, int(after), request.remote_addr or "") as written:
+    with c.chat_waiters.watching(session_id, after, request.remote_addr or "") as written:
         while True:
             rows = _read(c, params)
             left = deadline - time.monotonic()

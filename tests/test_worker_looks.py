@@ -80,3 +80,19 @@ def test_a_pass_that_failed_is_followed_by_a_full_look(container, sqlite_url):
         other.close()
     c.worker._main_pass()  # the retry looks at everything: the due message goes
     assert pending(c) == 0
+
+
+def test_a_chat_message_stored_in_this_process_wakes_its_worker(sqlite_url, live):
+    """Under `serve` the worker is a thread of the web process: the commit that stores a customer's
+    message wakes it (bot/wakeup.py's hook), so a worker that would otherwise look only every 30 s
+    answers at once."""
+    import time
+
+    from tests.conftest import ChatClient
+
+    server = live(sqlite_url, WORKER_IDLE_SECONDS=30)
+    time.sleep(1)  # past its first passes: from now on it sleeps 30 s unless woken
+    chat = ChatClient(server.url)
+    started = time.monotonic()
+    assert "two-factor" in chat.ask("what is 2fa?", timeout=10).lower()
+    assert time.monotonic() - started < 5

@@ -79,9 +79,7 @@ def receive():
                                   "part_id": message.part_id,
                                   # the event holds the customer's words: encrypted until processed
                                   "event_enc": c.keyring.encrypt(_as_text(raw, event))})
-    c.metrics.inbox(SOURCE, "stored" if stored else "duplicate")
-    if stored:
-        c.worker.wake()
+    c.metrics.inbox(SOURCE, "stored" if stored else "duplicate")  # the commit woke the worker (bot/wakeup.py)
     return jsonify(status="stored" if stored else "duplicate")
 
 

@@ -212,7 +212,9 @@ class Approvals:
         stored = self.decisions.store(self.c.db, view=view, case_id=case_id, channel_id=channel_id,
                                       user=_user_id(body), approve=approve, values=values, now=self.c.clock.now())
         self.c.metrics.inbox("slack", "stored" if stored else "duplicate")
-        self.c.worker.wake()  # `recoverybot serve`: the worker in this process; others hear a NOTIFY
+        # stored on a plain connection, which no session hook sees: wake this process's worker (under
+        # `recoverybot serve`); on PostgreSQL the others hear the NOTIFY inside the statement
+        self.c.worker.wake()
         ack(response_action="update", view=self.decisions.recording_view(case_id, channel_id, approve=approve))
 
     def _refuse_submission(self, body: dict, reason: str, case_id: str, channel_id: str | None) -> None:
