@@ -3,7 +3,8 @@
 
     .venv/bin/python benchmarks/webchat.py            # both databases, about 2 minutes
     .venv/bin/python benchmarks/webchat.py --quick    # a short run
-    options: --db sqlite|postgres|both  --messages N  --concurrency C  --wait S  --poll-interval S  --think S
+    options: --db sqlite|postgres|both  --messages N  --concurrency C  --post-wait S  --wait S
+             --poll-interval S  --think S
              --worker-mode thread|process  --idle-sleep S  --text TEXT  --pg-admin-url URL  --json FILE
 
 For each database it makes a fresh, migrated database (SQLite: a temp file; PostgreSQL: a scratch
@@ -20,11 +21,13 @@ Phases, each a closed loop of C clients sharing N messages, all against the same
       The worker is not running during (a) and (b), so both measure the route alone.
   drain         the worker is started and works off the backlog (b) left: its capacity with no idle
                 sleep and no HTTP traffic. Then one probe message finds how many replies a message gets.
-  (c) e2e       POST the message ("what is 2fa?": one bot reply), then poll GET ...?after=SEQ&wait=S
-                as the chat page does (--wait, default 10: the server answers when the reply is
-                written), or with --wait 0 a plain poll every --poll-interval, until the bot's reply is
-                visible; latency is POST sent -> reply received. (b*) is the ack latency of those same
-                POSTs, under the worker and the polls.
+  (c) e2e       POST the message ("what is 2fa?": one bot reply) as the chat page does, with
+                "wait": 10 (--post-wait), so the answer comes when the reply is written and carries it;
+                if it does not (the wait ran out, or the server had no waiting slot), poll GET
+                ...?after=SEQ&wait=S (--wait, default 10), or with --wait 0 a plain poll every
+                --poll-interval, until the bot's reply is visible; latency is POST sent -> reply
+                received. With --post-wait 0 the POST answers at once and (b*) is its ack latency,
+                under the worker and the polls.
 Figures, what dominates them, and caveats: docs/performance.md.
 """
 from __future__ import annotations
@@ -423,14 +426,15 @@ def new_chat(http: requests.Session, base: str) -> dict:
     return {"id": body["session_id"], "after": max(m["seq"] for m in body["messages"])}
 
 
-def post_message(http: requests.Session, base: str, chat: dict, message: str = QUESTION) -> str:
-    """POST one message as the chat page does, with the last seq it has seen, and take the transcript
-    lines the answer carries (this message's own, and any before it), so only the reply is polled for;
-    any bot lines among them are in chat["early"]. Returns its inbox delivery key (the route builds it
+def post_message(http: requests.Session, base: str, chat: dict, message: str = QUESTION, wait: int = 0) -> str:
+    """POST one message as the chat page does, with the last seq it has seen (and with `wait`, asking
+    the server to hold the answer until the reply is written, up to that many seconds), and take the
+    transcript lines the answer carries (this message's own, any before it, and with `wait` the reply);
+    the bot lines among them are in chat["early"]. Returns its inbox delivery key (the route builds it
     from the client_id)."""
     client_id = uuid.uuid4().hex
-    r = http.post(f"{base}/chat/api/sessions/{chat['id']}/messages",
-                  json={"text": message, "client_id": client_id, "after": chat["after"]}, timeout=REQUEST_TIMEOUT)
+    body = {"text": message, "client_id": client_id, "after": chat["after"]} | ({"wait": wait} if wait else {})
+    r = http.post(f"{base}/chat/api/sessions/{chat['id']}/messages", json=body, timeout=REQUEST_TIMEOUT)
     if r.status_code != 202:
         raise RuntimeError(f"post message: {r.status_code} {r.text[:200]}")
     lines = r.json().get("messages", [])
@@ -503,7 +507,7 @@ def probe_replies(base: str, message: str, settle: float = 1.0) -> int:
 
 
 def phase_e2e(base: str, concurrency: int, messages: int, poll_interval: float, think: float,
-              message: str, expected: int, wait: int = 0) -> tuple[Stats, Stats, dict]:
+              message: str, expected: int, wait: int = 0, post_wait: int = 0) -> tuple[Stats, Stats, dict]:
     replies: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -511,15 +515,14 @@ def phase_e2e(base: str, concurrency: int, messages: int, poll_interval: float, 
         if think:
             time.sleep(random.uniform(0, think))  # not timed; de-synchronizes clients from the worker
         wall0, t0 = time.time(), time.perf_counter()
-        key = post_message(http, base, chat, message)
-        res.add("ack", time.perf_counter() - t0)
-        if chat["early"]:  # each message's replies are awaited before the next: none can be left over
-            res.notes.append(f"bot lines before the reply: {[m['text'][:40] for m in chat['early']]}")
-        seen = 0
+        key = post_message(http, base, chat, message, post_wait)
+        now = time.perf_counter()
+        if not post_wait:  # a POST that waits for the reply has no acknowledgement time of its own
+            res.add("ack", now - t0)
+        # Each message's replies are awaited before the next, so none can be left over: bot lines in the
+        # POST's answer are this message's reply (the POST waited for it).
+        bot, seen = chat["early"], 0
         while True:
-            before = chat["after"]
-            bot, now = poll_bot_messages(http, base, chat, wait)
-            res.add("polls", 1)
             if bot:
                 if not seen:
                     res.add("e2e", now - t0)  # the (first) reply is visible
@@ -532,7 +535,10 @@ def phase_e2e(base: str, concurrency: int, messages: int, poll_interval: float, 
                     return
             if now - t0 > REPLY_TIMEOUT:
                 raise TimeoutError(f"{seen} of {expected} bot replies within {REPLY_TIMEOUT} s")
-            if not wait or chat["after"] == before:  # a plain poll, or a wait that ended with nothing
+            before = chat["after"]
+            bot, now = poll_bot_messages(http, base, chat, wait)
+            res.add("polls", 1)
+            if not bot and (not wait or chat["after"] == before):  # a plain poll, or a wait that ran out
                 time.sleep(poll_interval)
 
     results, seconds = run_clients(concurrency, messages, lambda http, i: new_chat(http, base), loop)
@@ -692,14 +698,14 @@ def bench_db(kind: str, args) -> dict:
             with CpuMeter(server.pids, backlog.backend_pids) as cpu["c"]:
                 e2e, ack_in_e2e, extra = phase_e2e(server.url, args.concurrency, args.messages,
                                                    args.poll_interval, args.think, args.text, expected,
-                                                   args.wait)
+                                                   args.wait, args.post_wait)
             failed, dead = backlog.failures()
             breakdown = backlog.breakdown(extra["timeline"])
         finally:
             backlog.close()
             server.stop()
     return {"db": kind, "version": version, "idle_sleep": server.idle_sleep,
-            "rows": [store, post, ack_in_e2e, e2e],
+            "rows": [store, post, *([ack_in_e2e] if ack_in_e2e.count else []), e2e],
             "drain": {"events": queued, "seconds": drain_s, "per_s": queued / drain_s if drain_s else 0.0},
             "polls": extra["polls"], "replies": extra["replies"], "replies_per_message": expected,
             "failed_events": failed, "dead_messages": dead, "breakdown": breakdown,
@@ -757,7 +763,9 @@ def render(results: list[dict], args) -> str:
     header = (f"Web chat inbox-to-reply benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
               f"werkzeug threaded server + worker {worker}; {args.concurrency} client threads (requests) in "
               f"another; {args.messages} messages per phase; " +
-              (f"polls wait up to {args.wait} s for the reply (as the chat page does)" if args.wait else
+              (f"each message's POST waits up to {args.post_wait} s for the reply (as the chat page does), "
+               "then " if args.post_wait else "") +
+              (f"polls wait up to {args.wait} s for the reply" if args.wait else
                f"poll every {args.poll_interval * 1e3:.0f} ms") + f"{think}.")
     return "\n".join([header, "", *lines, "", *notes])
 
@@ -773,6 +781,10 @@ def main(argv=None) -> int:
                    help="(c): each poll asks the server to wait up to this many seconds for the reply, as "
                         "the chat page does after a message (default 10); 0: plain polls every "
                         "--poll-interval")
+    p.add_argument("--post-wait", type=int, default=10,
+                   help="(c): each message's POST asks the server to hold its answer until the reply is "
+                        "written, up to this many seconds, as the chat page does (default 10); 0: the POST "
+                        "answers at once and polls wait for the reply (then (b*) is its ack time)")
     p.add_argument("--poll-interval", type=float, default=0.01,
                    help="client wait between empty polls, seconds (default 0.01; the web page's regular "
                         "poll is every 1 s)")

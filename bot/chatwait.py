@@ -1,6 +1,8 @@
-"""Waiting polls for the web chat: GET .../messages?after=N&wait=S answers as soon as a message after N
-is written (or after S seconds, with nothing), so the page sees a reply when it commits instead of at
-its next look, and asks once instead of many times.
+"""Waiting requests for the web chat: GET .../messages?after=N&wait=S answers as soon as a message after
+N is written (or after S seconds, with nothing), and so does a message's POST with "after" and "wait"
+(bot/webchat.py), so the page sees a reply when it commits instead of at its next look, and asks once
+instead of many times. A commit wakes the watches of other threads, not its own: a POST watches from
+inside the transaction that stores its message.
 
 Who wakes a waiting poll: a transaction that writes chat messages wakes the polls of those sessions
 waiting in its own process once it has committed (bot/wakeup.py). For messages written by another
@@ -50,7 +52,8 @@ class ChatWaiters:
         # polls themselves, so there is nothing for the data_version watcher to find (serve sets False).
         self.watch_file = True
         self._lock = threading.Lock()
-        self._waiting: dict[str, dict[threading.Event, int]] = {}  # session -> {watch: its `after`}
+        # session -> {watch: (its `after`, the thread that waits on it)}
+        self._waiting: dict[str, dict[threading.Event, tuple[int, int]]] = {}
         self._count = 0
         self._by_client: dict[str, int] = {}
         self._someone = threading.Event()  # SQLite: wakes the idle watcher
@@ -70,7 +73,7 @@ class ChatWaiters:
             else:
                 self._count += 1
                 self._by_client[client] = self._by_client.get(client, 0) + 1
-                self._waiting.setdefault(session_id, {})[watch] = after
+                self._waiting.setdefault(session_id, {})[watch] = (after, threading.get_ident())
                 self._someone.set()
         if watch is None:
             yield None
@@ -94,11 +97,15 @@ class ChatWaiters:
         return self._count
 
     def written(self, session_ids: Iterable[str]) -> None:
-        """Messages of these sessions were committed (called from the writer's thread)."""
+        """Messages of these sessions were committed (called from the writer's thread). The writer's own
+        watches are left alone: a POST that waits for the reply starts watching inside the transaction
+        that stores the message, and its own commit is no news to it."""
+        me = threading.get_ident()
         with self._lock:
             for session_id in session_ids:
-                for watch in self._waiting.get(session_id, ()):
-                    watch.set()
+                for watch, (_, owner) in self._waiting.get(session_id, {}).items():
+                    if owner != me:
+                        watch.set()
 
     def _notified(self, payload: str) -> None:
         if payload == wakeup.ANY:  # (re)connected: anything may have been written meanwhile
@@ -156,7 +163,8 @@ class ChatWaiters:
                     version = now
                     # read after the version, so a poll that starts waiting later reads past this change
                     with self._lock:
-                        waiting = {sid: min(watches.values()) for sid, watches in self._waiting.items()}
+                        waiting = {sid: min(after for after, _ in watches.values())
+                                   for sid, watches in self._waiting.items()}
                     if waiting:
                         marks = ",".join("?" * len(waiting))
                         rows = conn.execute(f"SELECT session_id, max(seq) FROM {TABLE} WHERE session_id IN "

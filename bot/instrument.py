@@ -19,6 +19,7 @@ from recovery.models import Case, CaseCheck, ChatMessage
 from recovery.outbox import Outgoing, PermanentFailure
 
 _PENDING = "recoverybot_metrics_pending"
+_CHAT_LINES = ChatMessage.__tablename__
 
 
 def observe_sessions(sessionmaker, metrics) -> None:
@@ -41,6 +42,13 @@ def observe_sessions(sessionmaker, metrics) -> None:
                     more = (history.added[-1] or 0) - (history.deleted[0] or 0)
                     if more > 0:
                         pending.append(("failure", "email_code_wrong", more))
+
+    @event.listens_for(sessionmaker, "do_orm_execute")
+    def _inserted(state):
+        # a web-chat reply written with a plain INSERT (bot/webchat.py), which no flush sees
+        if (state.is_insert and getattr(getattr(state.statement, "table", None), "name", None) == _CHAT_LINES
+                and isinstance(state.parameters, dict) and state.parameters.get("sender") == "bot"):
+            state.session.info.setdefault(_PENDING, []).append(("out", "webchat", "sent"))
 
     @event.listens_for(sessionmaker, "after_commit")
     def _committed(session):

@@ -203,6 +203,24 @@ def test_bad_wait_param_is_refused(chat):
     assert chat.c.chat_waiters.waiting == 0
 
 
+BAD_POST_WAIT = [-1, 21, "1", 1.5, True, False, [1], {"s": 1}]
+
+
+def test_bad_wait_in_a_posted_message_is_refused_and_stores_nothing(chat):
+    """A POST's `wait` is a whole number of seconds from 0 to 20, and needs `after` (the page it waits
+    for is the transcript past it): anything else is a 400 at once, which stores and holds nothing."""
+    before = counts(chat.c)
+    for wait in BAD_POST_WAIT:
+        started = time.monotonic()
+        assert_refused(chat.post(chat.messages, {"text": "what is 2fa?", "after": 0, "wait": wait}), 400,
+                       "bad_wait", "whole number of seconds from 0 to 20")
+        assert time.monotonic() - started < 0.5, wait
+    assert_refused(chat.post(chat.messages, {"text": "what is 2fa?", "wait": 5}), 400, "bad_wait",
+                   "wait needs after")
+    assert counts(chat.c) == before
+    assert chat.c.chat_waiters.waiting == 0
+
+
 def test_good_after_param_pages_the_transcript(chat):
     """`after` omitted, 0, or past the end reads the greeting, the greeting, and nothing."""
     greeting = chat.client.get(chat.messages).get_json()["messages"]

@@ -152,6 +152,9 @@ def test_chat_page_survives_a_reload_and_takes_a_customer_to_awaiting_approval(s
     load_demo(c)
     _only_local(page, server.url)
 
+    posted = []  # the page's messages: each POST waits for its reply ("wait"), so none needs a poll
+    page.on("request", lambda r: posted.append(r.post_data_json)
+            if r.method == "POST" and r.url.endswith("/messages") else None)
     page.goto(f"{server.url}/chat")
     assert page.title().startswith("Support chat")
     _bot_says(page, "2FA assistant")
@@ -195,6 +198,9 @@ def test_chat_page_survives_a_reload_and_takes_a_customer_to_awaiting_approval(s
     transcript = page.inner_text("#messages")
     assert code not in transcript and "••••••" in transcript
     assert page.input_value("#text") == ""
+    # what was shown while each POST waited is gone, replaced by the line as stored
+    assert page.locator(".msg.pending").count() == 0
+    assert len(posted) == 5 and all(body["wait"] == 10 and body["after"] > 0 for body in posted)
 
     with page.expect_navigation():
         page.click("nav.lang a[data-lang=zh-TW]")

@@ -217,3 +217,117 @@ def test_a_commit_is_announced_once_when_it_commits_not_when_a_savepoint_is_rele
         if listener is not None:
             listener.close()
         db.dispose()
+
+
+class Post(threading.Thread):
+    """One POST .../messages with "after" and "wait", in a thread of its own: its answer and its time."""
+
+    def __init__(self, base: str, session_id: str, text: str, after: int, wait: int):
+        super().__init__(daemon=True)
+        self.url = f"{base}/chat/api/sessions/{session_id}/messages"
+        self.body = {"text": text, "after": after, "wait": wait}
+        self.response: requests.Response | None = None
+        self.seconds: float | None = None
+        self.start()
+
+    def run(self):
+        started = time.monotonic()
+        self.response = requests.post(self.url, json=self.body, timeout=30)
+        self.seconds = time.monotonic() - started
+
+    def messages(self, timeout: float) -> list[dict]:
+        self.join(timeout)
+        assert not self.is_alive(), f"the POST did not answer within {timeout} s"
+        assert self.response.status_code == 202, self.response.text
+        return self.response.json()["messages"]
+
+
+def test_a_posted_message_with_wait_answers_with_its_line_and_the_reply_once_written(any_db_url, live):
+    """With "wait", the POST's answer waits for the reply: its own line as stored (redacted), then the
+    bot's, as soon as the worker writes it and not before; its own commit does not end the wait."""
+    server = live(any_db_url, worker=False)
+    waiters = server.container.chat_waiters
+    waiters.recheck = 30
+    chat = ChatClient(server.url)
+    post = Post(server.url, chat.session_id, "what is 2fa? my password is hunter2xyz", chat.after, wait=15)
+    waiting(waiters)
+    time.sleep(0.5)
+    assert post.is_alive()  # stored, and waiting for the reply
+    if server.container.db.is_postgres:
+        assert server.container.db.engine.pool.checkedout() == 0  # no connection held while waiting
+
+    written = time.monotonic()
+    assert server.container.worker.run_once() > 0
+    messages = post.messages(timeout=5)
+    assert time.monotonic() - written < 3
+    assert [m["sender"] for m in messages] == ["customer", "bot"]
+    assert "hunter2xyz" not in messages[0]["text"] and "[password hidden]" in messages[0]["text"]
+    assert "hidden your last message" in messages[1]["text"]  # the password warning comes first
+    assert post.response.json()["duplicate"] is False
+    assert waiters.waiting == 0
+    # what the page now has is the whole transcript: a poll past the reply finds nothing
+    chat.after = messages[-1]["seq"]
+    assert chat.poll() == []
+
+
+def test_a_posted_message_waits_no_longer_than_asked_and_answers_at_once_with_news_or_no_room(sqlite_url, live):
+    """No reply within `wait`: the answer comes then, with the message's own line. A bot line the page
+    had not seen yet: the answer comes at once with it (the page shows it; the reply comes to its poll).
+    No waiting slot left: at once, with the own line."""
+    server = live(sqlite_url, worker=False)
+    waiters = server.container.chat_waiters
+    chat = ChatClient(server.url)
+    slow = Post(server.url, chat.session_id, "what is 2fa?", chat.after, wait=1)
+    assert [m["sender"] for m in slow.messages(timeout=5)] == ["customer"]
+    assert 0.9 < slow.seconds < 3
+
+    server.container.worker.drain()  # the reply to it, which this page has not seen
+    news = Post(server.url, chat.session_id, "thanks", slow.response.json()["messages"][-1]["seq"], wait=15)
+    assert [m["sender"] for m in news.messages(timeout=5)] == ["bot", "customer"]
+    assert news.seconds < 1
+
+    waiters.limit = 0
+    full = Post(server.url, chat.session_id, "what is a recovery code?",
+                news.response.json()["messages"][-1]["seq"], wait=15)
+    assert [m["sender"] for m in full.messages(timeout=5)] == ["customer"]
+    assert full.seconds < 1 and waiters.waiting == 0
+
+
+def test_a_waiting_poll_of_another_tab_wakes_when_the_customer_posts(any_db_url, live):
+    """The customer's line is written with a plain INSERT (no ORM flush): its commit still wakes the
+    session's waiting polls, say the same chat open in a second tab: in this process through the commit
+    hook (the SQLite file watcher is off, as under `serve`), and on PostgreSQL through NOTIFY as well."""
+    server = live(any_db_url, worker=False)
+    server.container.chat_waiters.recheck = 30
+    server.container.chat_waiters.watch_file = False
+    chat = ChatClient(server.url)
+    other_tab = Poll(server.url, chat.session_id, chat.after, wait=15)
+    waiting(server.container.chat_waiters)
+    said = time.monotonic()
+    chat.say("what is 2fa?")
+    assert [m["sender"] for m in other_tab.messages(timeout=5)] == ["customer"]
+    assert time.monotonic() - said < 2
+
+
+def test_a_commit_wakes_the_watches_of_other_threads_but_not_its_own(sqlite_url, make_container):
+    """A POST that waits starts watching inside the transaction that stores its message: that commit is
+    no news to it, while a poll waiting in another thread must hear of it."""
+    c = make_container(sqlite_url)
+    waiters = c.chat_waiters
+    theirs, registered, release = [], threading.Event(), threading.Event()
+
+    def other_thread():
+        with waiters.watching("S-1", 0, "10.0.0.2") as watch:
+            theirs.append(watch)
+            registered.set()
+            release.wait(5)
+
+    other = threading.Thread(target=other_thread, daemon=True)
+    other.start()
+    assert registered.wait(5)
+    with waiters.watching("S-1", 0, "10.0.0.1") as mine:
+        waiters.written(["S-1"])
+        assert not mine.is_set()
+        assert theirs[0].is_set()
+    release.set()
+    other.join(5)
