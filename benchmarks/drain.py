@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Do two worker processes drain a backlog faster than one? (PostgreSQL)
 
-    nice .venv/bin/python benchmarks/drain.py                 # 2,000 events, 1 then 2 workers; about 40 s
+    nice .venv/bin/python benchmarks/drain.py                 # 2,000 events: 1, 2, 2, 1 workers; about 80 s
     nice .venv/bin/python benchmarks/drain.py --intercom      # the same with the Intercom channel configured
-    options: --events N  --per-conversation M  --workers-max K  --intercom  --stats analysed|never
+    options: --events N  --per-conversation M  --workers-max K  --rounds R  --intercom  --stats analysed|never
              --pg-admin-url URL  --json FILE
 
-For each K in 1..K (--workers-max, 2), on a fresh scratch database (created through --pg-admin-url,
-migrated to head, dropped afterwards):
+In R rounds (--rounds, 2), each K in 1..K (--workers-max, 2) is measured once, in rising order in the
+first round and falling in the second (1, 2, 2, 1), so a machine that speeds up or slows down during
+the run (this shared 2-core VM varies by a third from minute to minute) weighs on both sides alike. Each
+measurement, on a fresh scratch database (created through --pg-admin-url, migrated to head, dropped
+afterwards):
   1. A backlog of N web-chat messages ("what is 2fa?", one bot reply each), M per chat session, stored
      through the real routes (the real app's /chat/api endpoints, in this process, with no worker running);
      then VACUUM ANALYZE, as autovacuum does in its own time (--stats never leaves the tables unanalysed).
@@ -18,7 +21,8 @@ migrated to head, dropped afterwards):
   3. The inbox table is polled until no event waits; events/s = N / that time. Also reported: the span
      from the first to the last processed_at, and the CPU the workers, PostgreSQL's backends and the
      rest of the machine used meanwhile (from /proc), to show whether the 2 cores are the limit.
-The ratio of the K-worker to the 1-worker rate is the figure (target: at least 1.8 for two workers).
+The ratio of the K-worker to the 1-worker rate, each the mean over the rounds, is the figure (target: at
+least 1.8 for two workers); each round's own ratio is shown too.
 Figures: docs/performance.md.
 """
 from __future__ import annotations
@@ -213,26 +217,41 @@ def measure(workers: int, args) -> dict:
             "cores": cpu.cores, "busy_before": busy, "backends": waits, **summary}
 
 
+def order(workers_max: int, rounds: int) -> list[tuple[int, int]]:
+    """(round, workers) in the order measured: rising in even rounds, falling in odd ones."""
+    ks = list(range(1, workers_max + 1))
+    return [(r, k) for r in range(rounds) for k in (ks if r % 2 == 0 else ks[::-1])]
+
+
+def mean_rate(results: list[dict], workers: int, key: str = "per_s") -> float:
+    rates = [r[key] for r in results if r["workers"] == workers]
+    return sum(rates) / len(rates)
+
+
 def render(results: list[dict], args, version: str) -> str:
     lines = [f"Drain benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, {version}; "
              f"{args.events} web-chat messages ({QUESTION!r}), {args.per_conversation} per chat session; "
-             f"Intercom channel {'configured' if args.intercom else 'off'}; tables {args.stats}.",
+             f"Intercom channel {'configured' if args.intercom else 'off'}; tables {args.stats}; "
+             f"{args.rounds} round(s), in the order shown.",
              "",
-             "| workers | events | s | events/s | events/s (processed_at span) | cores: workers | postgres | "
-             "this script | others | failed | out of order |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| round | workers | events | s | events/s | events/s (processed_at span) | cores: workers | "
+             "postgres | this script | others | failed | out of order |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         c = r["cores"]
-        lines.append(f"| {r['workers']} | {r['events']} | {r['seconds']:.2f} | {r['per_s']:.1f} | "
+        lines.append(f"| {r['round'] + 1} | {r['workers']} | {r['events']} | {r['seconds']:.2f} | {r['per_s']:.1f} | "
                      f"{r['span_per_s']:.1f} | {c['server']:.2f} | {c['postgres']:.2f} | "
                      f"{c['clients']:.2f} | "
                      f"{c['others']:.2f} | {r['failed']} | {r['out_of_order']} |")
-    base = results[0]["per_s"]
+    base, span_base = mean_rate(results, 1), mean_rate(results, 1, "span_per_s")
     lines.append("")
-    for r in results[1:]:
-        lines.append(f"ratio {r['workers']} workers ÷ 1: {r['per_s'] / base:.2f} "
-                     f"(processed_at span: {r['span_per_s'] / results[0]['span_per_s']:.2f}; target for 2: "
-                     "at least 1.8)")
+    for k in range(2, args.workers_max + 1):
+        per_round = [next(r for r in results if r["round"] == n and r["workers"] == k)["per_s"]
+                     / next(r for r in results if r["round"] == n and r["workers"] == 1)["per_s"]
+                     for n in range(args.rounds)]
+        lines.append(f"ratio {k} workers ÷ 1: {mean_rate(results, k) / base:.2f} over the rounds' mean rates "
+                     f"(processed_at span: {mean_rate(results, k, 'span_per_s') / span_base:.2f}; each round: "
+                     + ", ".join(f"{x:.2f}" for x in per_round) + "; target for 2: at least 1.8)")
     lines.append("")
     lines.append("What the workers' PostgreSQL backends were doing, sampled every 20 ms during the drain:")
     for r in results:
@@ -251,6 +270,8 @@ def main(argv=None) -> int:
     p.add_argument("--events", type=int, default=2000, help="messages in the backlog (2000)")
     p.add_argument("--per-conversation", type=int, default=3, help="messages per chat session (3)")
     p.add_argument("--workers-max", type=int, default=2, help="measure 1..K worker processes (2)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="measure every worker count this many times, alternating the order (2: 1, 2, 2, 1)")
     p.add_argument("--intercom", action="store_true",
                    help="configure the Intercom channel (the inbox handler then has a prepare step)")
     p.add_argument("--stats", choices=["analysed", "never"], default="analysed",
@@ -261,13 +282,13 @@ def main(argv=None) -> int:
                         "(env BENCH_PG_ADMIN_URL)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
-    if args.events < 1 or args.per_conversation < 1 or args.workers_max < 2:
-        p.error("--events and --per-conversation must be at least 1, --workers-max at least 2")
+    if args.events < 1 or args.per_conversation < 1 or args.workers_max < 2 or args.rounds < 1:
+        p.error("--events, --per-conversation and --rounds must be at least 1, --workers-max at least 2")
     if not os.path.exists(RECOVERYBOT):
         p.error(f"{RECOVERYBOT} not found: run with the project's venv python (pip install -e .)")
     started = time.perf_counter()
     version = db_version("postgres", args.pg_admin_url)
-    results = [measure(k, args) for k in range(1, args.workers_max + 1)]
+    results = [measure(k, args) | {"round": n} for n, k in order(args.workers_max, args.rounds)]
     print(render(results, args, version))
     print(f"\n(total run time {time.perf_counter() - started:.0f} s)")
     if args.json:

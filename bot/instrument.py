@@ -45,10 +45,13 @@ def observe_sessions(sessionmaker, metrics) -> None:
 
     @event.listens_for(sessionmaker, "do_orm_execute")
     def _inserted(state):
-        # a web-chat reply written with a plain INSERT (bot/webchat.py), which no flush sees
-        if (state.is_insert and getattr(getattr(state.statement, "table", None), "name", None) == _CHAT_LINES
-                and isinstance(state.parameters, dict) and state.parameters.get("sender") == "bot"):
-            state.session.info.setdefault(_PENDING, []).append(("out", "webchat", "sent"))
+        # web-chat replies written with a plain INSERT (bot/webchat.py), which no flush sees
+        if not state.is_insert or getattr(getattr(state.statement, "table", None), "name", None) != _CHAT_LINES:
+            return
+        rows = state.parameters if isinstance(state.parameters, list) else [state.parameters]
+        for row in rows:
+            if isinstance(row, dict) and row.get("sender") == "bot":
+                state.session.info.setdefault(_PENDING, []).append(("out", "webchat", "sent"))
 
     @event.listens_for(sessionmaker, "after_commit")
     def _committed(session):

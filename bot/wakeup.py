@@ -76,21 +76,25 @@ def _note_flushed(session, _flush_context) -> None:
 
 
 def _note_inserted(state) -> None:
-    # The inbox and the outbox store with one INSERT ... ON CONFLICT statement each, and the chat route
-    # writes the customer's line with a plain INSERT, which no flush sees; the outbox and the chat line
-    # pass their row as parameters, so the kind and the session can be read here. A duplicate that
-    # inserts nothing still notifies: the worker then finds nothing new, which costs one empty pass.
+    # The inbox and the outbox store with one INSERT ... ON CONFLICT statement each, and chat lines (the
+    # customer's and the bot's) are written with a plain INSERT, none of which a flush sees; the outbox and
+    # the chat lines pass their rows as parameters (one, or a list), so the kind and the session can be
+    # read here. A duplicate that inserts nothing still notifies: the worker then finds nothing new, which
+    # costs one empty pass. (A chat INSERT with .values() instead would wake nobody: waiting requests
+    # would see its line on their re-check.)
     if not state.is_insert:
         return
     table = getattr(getattr(state.statement, "table", None), "name", None)
-    params = state.parameters if isinstance(state.parameters, dict) else {}
     if table == InboxEvent.__tablename__:
         _stored(state.session).add(INBOX)
-    elif table == OutboxMessage.__tablename__:
-        _stored(state.session).add(EMAIL if params.get("kind") == "email" else OUTBOX)
-    elif table == ChatMessage.__tablename__ and isinstance(params.get("session_id"), str):
-        # (an INSERT with .values() instead would wake nobody: its polls would see it on their re-check)
-        _chats(state.session).add(params["session_id"])
+        return
+    rows = state.parameters if isinstance(state.parameters, list) else [state.parameters]
+    for row in rows:
+        row = row if isinstance(row, dict) else {}
+        if table == OutboxMessage.__tablename__:
+            _stored(state.session).add(EMAIL if row.get("kind") == "email" else OUTBOX)
+        elif table == ChatMessage.__tablename__ and isinstance(row.get("session_id"), str):
+            _chats(state.session).add(row["session_id"])
 
 
 def _notify(session) -> None:

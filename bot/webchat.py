@@ -14,6 +14,7 @@ GET  /chat/api/sessions/{id}/messages?after=N[&wait=S]
 """
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
@@ -29,11 +30,13 @@ from bot import wakeup
 from bot.chatwait import MAX_WAIT
 from bot.http import ApiError, json_body, storable_text
 from recovery import inbox
+from recovery.db import is_outage
 from recovery.redact import redact_text
 from recovery.models import ChatMessage, ChatSession
 from recovery.outbox import Outgoing, PermanentFailure
 
 MAX_TEXT = 2000
+log = logging.getLogger(__name__)
 MAX_PAGE = 200
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what create_session issues
 SEQ = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and within a 64-bit column
@@ -147,9 +150,11 @@ def post_message(session_id: str):
                 lines = [r for r in s.execute(_PAGE, {"session_id": session_id, "after": after})
                          if r.seq is not None]
                 written, mark = None, (lines[-1].seq if lines else after)
-                if wait and all(r.sender == "customer" for r in lines):
-                    # No reply yet: the answer waits for one. Watching starts under the lock, before
-                    # anything else of this session can commit, so it need not look again before waiting.
+                if wait and (not lines or lines[-1].sender == "customer") and len(lines) < MAX_PAGE:
+                    # Nothing after the customer's last line yet: the answer waits for the next line (the
+                    # reply). Watching starts under the lock, before anything else of this session can
+                    # commit, and a commit does not wake its own thread's watches (bot/chatwait.py), so
+                    # in this process it need not look again before it waits.
                     deadline = time.monotonic() + wait
                     written = waiting.enter_context(
                         c.chat_waiters.watching(session_id, mark, request.remote_addr or ""))
@@ -158,8 +163,15 @@ def post_message(session_id: str):
         if lines is None:
             return jsonify(accepted=True, duplicate=not stored), 202
         if written is not None:
-            lines += [r for r in _watch(c, written, {"session_id": session_id, "after": mark}, deadline,
-                                        looked=True) if r.seq is not None]
+            try:
+                lines += [r for r in _watch(c, written, {"session_id": session_id, "after": mark}, deadline,
+                                            looked=True) if r.seq is not None]
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # The message is stored: a 503 would tell the client to send it again. The reply comes
+                # to the page's next poll.
+                log.warning("a posted message's wait for its reply lost the database (%s)", type(exc).__name__)
     # What the page has not seen yet, this message's own (redacted) line included; with `wait`, the reply
     # as well: one request per message instead of a POST and a waiting poll.
     return jsonify(accepted=True, duplicate=not stored, messages=[_message_json(r) for r in lines]), 202

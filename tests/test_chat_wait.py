@@ -222,10 +222,10 @@ def test_a_commit_is_announced_once_when_it_commits_not_when_a_savepoint_is_rele
 class Post(threading.Thread):
     """One POST .../messages with "after" and "wait", in a thread of its own: its answer and its time."""
 
-    def __init__(self, base: str, session_id: str, text: str, after: int, wait: int):
+    def __init__(self, base: str, session_id: str, text: str, after: int, wait: int, client_id: str | None = None):
         super().__init__(daemon=True)
         self.url = f"{base}/chat/api/sessions/{session_id}/messages"
-        self.body = {"text": text, "after": after, "wait": wait}
+        self.body = {"text": text, "after": after, "wait": wait} | ({"client_id": client_id} if client_id else {})
         self.response: requests.Response | None = None
         self.seconds: float | None = None
         self.start()
@@ -270,10 +270,11 @@ def test_a_posted_message_with_wait_answers_with_its_line_and_the_reply_once_wri
     assert chat.poll() == []
 
 
-def test_a_posted_message_waits_no_longer_than_asked_and_answers_at_once_with_news_or_no_room(sqlite_url, live):
-    """No reply within `wait`: the answer comes then, with the message's own line. A bot line the page
-    had not seen yet: the answer comes at once with it (the page shows it; the reply comes to its poll).
-    No waiting slot left: at once, with the own line."""
+def test_a_posted_message_waits_no_longer_than_asked_or_not_at_all_for_a_retry_or_with_no_room(sqlite_url, live):
+    """No reply within `wait`: the answer comes then, with the message's own line, and with a bot line
+    the page had not seen before it (that one answered an earlier message: it does not end the wait). A
+    retried POST whose reply is already written answers at once. No waiting slot left: at once, with
+    the own line."""
     server = live(sqlite_url, worker=False)
     waiters = server.container.chat_waiters
     chat = ChatClient(server.url)
@@ -282,13 +283,19 @@ def test_a_posted_message_waits_no_longer_than_asked_and_answers_at_once_with_ne
     assert 0.9 < slow.seconds < 3
 
     server.container.worker.drain()  # the reply to it, which this page has not seen
-    news = Post(server.url, chat.session_id, "thanks", slow.response.json()["messages"][-1]["seq"], wait=15)
+    seen = slow.response.json()["messages"][-1]["seq"]
+    news = Post(server.url, chat.session_id, "thanks", seen, wait=1, client_id="c-news")
     assert [m["sender"] for m in news.messages(timeout=5)] == ["bot", "customer"]
-    assert news.seconds < 1
+    assert 0.9 < news.seconds < 3
+    server.container.worker.drain()
+    retried = requests.post(news.url, json=news.body | {"wait": 15}, timeout=10)
+    assert retried.json()["duplicate"] is True
+    assert [m["sender"] for m in retried.json()["messages"]] == ["bot", "customer", "bot"]
+    assert retried.elapsed.total_seconds() < 1
 
     waiters.limit = 0
     full = Post(server.url, chat.session_id, "what is a recovery code?",
-                news.response.json()["messages"][-1]["seq"], wait=15)
+                retried.json()["messages"][-1]["seq"], wait=15)
     assert [m["sender"] for m in full.messages(timeout=5)] == ["customer"]
     assert full.seconds < 1 and waiters.waiting == 0
 
@@ -331,3 +338,26 @@ def test_a_commit_wakes_the_watches_of_other_threads_but_not_its_own(sqlite_url,
         assert theirs[0].is_set()
     release.set()
     other.join(5)
+
+
+def test_a_posted_message_reads_the_transcript_twice_under_serve_once_under_lock_once_for_the_reply(sqlite_url,
+                                                                                                   live):
+    """Under `recoverybot serve` on SQLite (one process, no file watcher), the waiting POST reads the
+    transcript under the session's lock and once more when the reply is written: its own commit does not
+    wake it (without that rule it read three times)."""
+    from sqlalchemy import event
+
+    server = live(sqlite_url, worker=False)
+    waiters = server.container.chat_waiters
+    waiters.recheck, waiters.watch_file = 30, False
+    chat = ChatClient(server.url)
+    reads = []
+    event.listen(server.container.db.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *a: reads.append(statement)
+                 if "LEFT OUTER JOIN chat_messages" in statement else None)
+    post = Post(server.url, chat.session_id, "what is 2fa?", chat.after, wait=15)
+    waiting(waiters)
+    time.sleep(0.3)
+    assert server.container.worker.run_once() > 0
+    assert [m["sender"] for m in post.messages(timeout=5)] == ["customer", "bot"]
+    assert len(reads) == 2

@@ -108,8 +108,11 @@ class Renderer:
         if env is None:
             # Plain text keeps every newline the template has (trim_blocks would eat the one after a tag and
             # run lines together); in HTML they do not matter.
+            # auto_reload off: a template is read once per process. Checking each file's time at every use
+            # cost a chat turn a stat() per block, and a page changed on disk would not match the CSP
+            # hashes taken at start-up (bot/csp.py) anyway; catalogs are read once as well.
             env = Environment(loader=self.loader, undefined=StrictUndefined, autoescape=html, trim_blocks=html,
-                              lstrip_blocks=True, extensions=["jinja2.ext.i18n"])
+                              lstrip_blocks=True, extensions=["jinja2.ext.i18n"], auto_reload=False)
             env.install_gettext_translations(load_translations(locale, self.folders), newstyle=True)
             env.globals.update(self.globals, locale=locale)
             env.filters["when"] = when
