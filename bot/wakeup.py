@@ -2,7 +2,9 @@
 sends a NOTIFY, which PostgreSQL delivers when (and only if) it commits; the worker LISTENs on a
 connection of its own and starts a pass at once instead of on its next idle tick. A transaction that
 writes web-chat messages notifies CHAT_CHANNEL with each session's id, for the web chat's waiting polls
-(bot/chatwait.py), and tells the polls waiting in its own process once it has committed.
+(bot/chatwait.py), and tells the polls waiting in its own process once it has committed. Each payload
+names its sender (tagged), and a listener leaves out what its own engine sent: the commit hook has told
+that process already.
 
 Polling stays: a worker that is not listening (reconnecting after a database restart, or WORKER_LISTEN
 off because a pooler in transaction mode cannot carry LISTEN) still finds the work on its next tick.
@@ -13,6 +15,8 @@ hooks (a Slack submission), calls `Worker.wake()`.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import threading
 from typing import Callable
 
@@ -27,6 +31,7 @@ CHAT_CHANNEL = "recoverybot_chat"  # payload: the chat session's id
 INBOX, EMAIL, OUTBOX = "inbox", "email", "outbox"  # what was stored; EMAIL wakes the mail loop only
 ANY = "any"  # (re)connected: whatever was stored while not listening is waiting
 RECONNECT_FIRST, RECONNECT_CAP = 0.2, 2.0  # seconds between attempts while the database is down
+_BOOT = secrets.token_hex(4)  # see origin()
 
 
 def install(db, on_committed: Callable[[set, set], None] | None = None) -> None:
@@ -104,8 +109,10 @@ def _notify(session) -> None:
     stored = session.info.get("recoverybot_stored") or ()  # kept for the after_commit call, as are chats
     chats = set(session.info.get("recoverybot_chats") or ()) - session.info.get("recoverybot_announced", set())
     if stored or chats:
-        session.connection().execute(select(*(func.pg_notify(CHANNEL, what) for what in sorted(stored)),
-                                            *(func.pg_notify(CHAT_CHANNEL, chat) for chat in sorted(chats))))
+        bind = session.get_bind()
+        session.connection().execute(select(
+            *(func.pg_notify(CHANNEL, tagged(what, bind)) for what in sorted(stored)),
+            *(func.pg_notify(CHAT_CHANNEL, tagged(chat, bind)) for chat in sorted(chats))))
 
 
 def announced(session, chat: str) -> None:
@@ -114,12 +121,14 @@ def announced(session, chat: str) -> None:
     session.info.setdefault("recoverybot_announced", set()).add(chat)
 
 
-def announcing(statement, what: str = INBOX):
+def announcing(statement, bind, what: str = INBOX):
     """`statement` (an INSERT ... RETURNING id) with the NOTIFY in the same statement, for a caller that
-    runs it on a plain connection, outside the session hooks above: one round trip instead of two, which
-    is a third of what acknowledging a Slack submission costs the web process."""
+    runs it on a plain connection of `bind` (an engine), outside the session hooks above: one round trip
+    instead of two, which is a third of what acknowledging a Slack submission costs the web process.
+    Its own process's worker is not told by this NOTIFY (see tagged): the caller wakes it."""
     stored = statement.cte("stored")
-    return select(select(stored.c.id).scalar_subquery().label("id"), func.pg_notify(CHANNEL, what))
+    return select(select(stored.c.id).scalar_subquery().label("id"),
+                  func.pg_notify(CHANNEL, tagged(what, bind)))
 
 
 def _forget(session) -> None:
@@ -182,7 +191,7 @@ def _run(db, on_notify, stop: threading.Event, channel: str) -> None:
         connected_before, delay = True, RECONNECT_FIRST
         on_notify(ANY)  # anything stored while nobody listened
         try:
-            _receive(conn, on_notify, stop)
+            _receive(conn, on_notify, stop, origin(db.engine))
         except Exception as exc:  # noqa: BLE001 - connection lost: reconnect (polling covers the gap)
             log.warning("%s listener lost the database (%s); reconnecting", channel, type(exc).__name__)
         finally:
@@ -192,9 +201,27 @@ def _run(db, on_notify, stop: threading.Event, channel: str) -> None:
                 pass
 
 
-def _receive(conn, on_notify, stop: threading.Event) -> None:
+def _receive(conn, on_notify, stop: threading.Event, me: str) -> None:
     # notifies(timeout=...) (psycopg 3.2) returns after its timeout, so `stop` is seen within a second; a
     # connection the server closed (a restart) raises from it, which sends us back to reconnect.
     while not stop.is_set():
         for note in conn.notifies(timeout=1.0):
-            on_notify(note.payload)
+            what, _, sender = note.payload.partition(" ")
+            if sender != me:  # what this engine committed, its commit hook has told already (install)
+                on_notify(what)
+
+
+def origin(bind) -> str:
+    """The sender a NOTIFY payload names: this engine (a session's bind, a connection or an engine) in
+    this process. A random word drawn at start-up tells hosts apart, the pid processes forked from one
+    another (gunicorn's), the engine's id the containers of one process (tests run a worker's beside a
+    web one's)."""
+    return f"{_BOOT}.{os.getpid()}.{id(getattr(bind, 'engine', bind))}"
+
+
+def tagged(what: str, bind) -> str:
+    """A NOTIFY payload: `what` (a kind, or a chat session's id) and its sender (origin), so the sender's
+    own listener leaves it out: a worker's turn that queues an outbox message, or a chat POST that waits
+    for its reply, was otherwise woken by its own commit, a pass or a read for nothing. A payload
+    without a sender (from a release before this one, during a rolling deploy) is passed on."""
+    return f"{what} {origin(bind)}"

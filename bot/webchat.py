@@ -266,7 +266,9 @@ class WebChatTranscript:
             # The lock: see post_message (SQLite's writers already run one at a time). The same statement
             # queues the NOTIFY that wakes this session's waiting polls in other processes (PostgreSQL
             # sends it at commit), so the turn needs no statement of its own for it.
-            session.execute(select(ChatSession.id, func.pg_notify(wakeup.CHAT_CHANNEL, session_id))
+            session.execute(select(ChatSession.id,
+                                   func.pg_notify(wakeup.CHAT_CHANNEL,
+                                                  wakeup.tagged(session_id, session.get_bind())))
                             .where(ChatSession.id == session_id).with_for_update())
             wakeup.announced(session, session_id)
         # A plain INSERT, as the route's: a unit-of-work flush of the line cost the turn a tenth of its time.

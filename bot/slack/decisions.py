@@ -91,7 +91,7 @@ class Decisions:
                      "code_enc": keyring.encrypt(code) if code else None,
                      "reason_enc": keyring.encrypt(reason) if reason else None})
         if db.is_postgres:
-            statement = wakeup.announcing(statement, wakeup.INBOX)
+            statement = wakeup.announcing(statement, db.engine, wakeup.INBOX)
         with db.engine.begin() as conn:
             return conn.execute(statement).scalar() is not None
 
