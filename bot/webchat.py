@@ -272,10 +272,13 @@ class WebChatTranscript:
                             .where(ChatSession.id == session_id).with_for_update())
             wakeup.announced(session, session_id)
         # A plain INSERT, as the route's: a unit-of-work flush of the line cost the turn a tenth of its time.
-        session.execute(_ADD_LINE, {"session_id": session_id, "sender": "bot",
-                                    "text": self.renderer.chat(message, locale, context),
-                                    "buttons": _buttons(self.renderer, locale, buttons), "source_key": key,
-                                    "message_key": message[:48], "created_at": now})
+        # Nothing it writes depends on what the turn has pending, so it does not flush that first: one
+        # flush per turn (at the commit) instead of two, the same statements.
+        with session.no_autoflush:
+            session.execute(_ADD_LINE, {"session_id": session_id, "sender": "bot",
+                                        "text": self.renderer.chat(message, locale, context),
+                                        "buttons": _buttons(self.renderer, locale, buttons), "source_key": key,
+                                        "message_key": message[:48], "created_at": now})
 
 
 class WebChatSender:

@@ -9,6 +9,7 @@ import uuid
 from sqlalchemy import event, func, select
 
 from recovery import audit, inbox
+from recovery.clock import ManualClock
 from recovery.models import Approval, AuditRecord, ChatMessage, ChatSession
 from tests.helpers import awaiting_case, get_case, load_demo
 
@@ -47,7 +48,8 @@ def _within(counted: Counted, bound: tuple[int, int]) -> None:
 def test_web_chat_turn_takes_one_transaction_of_few_statements(make_container, any_db_url):
     """A web-chat message's turn in the worker (claim, dialog, reply in the transcript, done) is one
     transaction of at most 5 statements on SQLite and 6 on PostgreSQL."""
-    c = make_container(any_db_url)
+    clock = ManualClock()
+    c = make_container(any_db_url, clock=clock)
     sid = "s" + uuid.uuid4().hex[:12]
     with c.db.transaction() as s:
         s.add(ChatSession(id=sid, locale="en", created_at=c.clock.now()))
@@ -60,6 +62,17 @@ def test_web_chat_turn_takes_one_transaction_of_few_statements(make_container, a
     with c.db.transaction() as s:  # the reply is in the transcript, written by that same transaction
         replies = s.scalars(select(ChatMessage).where(ChatMessage.session_id == sid, ChatMessage.sender == "bot")).all()
     assert len(replies) == 1 and "2FA" in replies[0].text.upper()
+
+    # The next message of the same conversation, a minute later: within the same bound, and the
+    # conversation row is updated once.
+    clock.advance(minutes=1)
+    assert inbox.store(c.db, source="webchat", delivery_key=f"webchat:{sid}:2", conversation_key=f"webchat:{sid}",
+                       now=c.clock.now(), payload={"session_id": sid, "text_enc": c.keyring.encrypt("what is 2fa?"),
+                                                   "ip": "127.0.0.1", "locale": "en"})
+    with Counted(c.db.engine) as counted:
+        assert inbox.process_one(c.db, c.worker.handler, c.clock.now)
+    _within(counted, WEBCHAT_TURN[c.db.engine.dialect.name])
+    assert sum(st.startswith("UPDATE conversations") for st in counted.statements) == 1, counted.statements
 
 
 def test_decision_takes_one_transaction_of_few_statements(make_container, any_db_url):
