@@ -31,14 +31,19 @@ CHAT_CHANNEL = "recoverybot_chat"  # payload: the chat session's id
 INBOX, EMAIL, OUTBOX = "inbox", "email", "outbox"  # what was stored; EMAIL wakes the mail loop only
 ANY = "any"  # (re)connected: whatever was stored while not listening is waiting
 RECONNECT_FIRST, RECONNECT_CAP = 0.2, 2.0  # seconds between attempts while the database is down
-_BOOT = secrets.token_hex(4)  # see origin()
+_BOOT = secrets.token_hex(8)  # see origin()
 
 
 def install(db, on_committed: Callable[[set, set], None] | None = None) -> None:
     """Make every write transaction of `db` that adds inbox events or outbox messages notify on commit
     (PostgreSQL), and call `on_committed(stored, chats)` once it has committed (any database): `stored`
     the kinds it stored (INBOX, EMAIL, OUTBOX), `chats` the chat sessions it wrote messages of.
-    Installed once per `db`; a second call changes nothing."""
+    The hooks are installed once per `db`; a second call (a second container on the same `db`) adds its
+    `on_committed`, since the engine's own listeners leave out what it sends (tagged): every container
+    on it must hear its commits this way."""
+    callbacks = db.__dict__.setdefault("_wake_callbacks", [])
+    if on_committed is not None:
+        callbacks.append(on_committed)
     if event.contains(db.sessions, "after_flush", _note_flushed):
         return
     event.listen(db.sessions, "after_flush", _note_flushed)
@@ -51,8 +56,9 @@ def install(db, on_committed: Callable[[set, set], None] | None = None) -> None:
         stored = session.info.pop("recoverybot_stored", None) or set()
         chats = session.info.pop("recoverybot_chats", None) or set()
         session.info.pop("recoverybot_announced", None)
-        if (stored or chats) and on_committed is not None:
-            on_committed(stored, chats)
+        if stored or chats:
+            for callback in callbacks:
+                callback(stored, chats)
 
     event.listen(db.sessions, "after_commit", committed)
     if db.is_postgres:
@@ -213,9 +219,9 @@ def _receive(conn, on_notify, stop: threading.Event, me: str) -> None:
 
 def origin(bind) -> str:
     """The sender a NOTIFY payload names: this engine (a session's bind, a connection or an engine) in
-    this process. A random word drawn at start-up tells hosts apart, the pid processes forked from one
-    another (gunicorn's), the engine's id the containers of one process (tests run a worker's beside a
-    web one's)."""
+    this process. A random word drawn when the module is imported tells hosts and process images apart,
+    the pid processes forked from one image (gunicorn's), the engine's id the containers of one process
+    (tests run a worker's beside a web one's)."""
     return f"{_BOOT}.{os.getpid()}.{id(getattr(bind, 'engine', bind))}"
 
 
@@ -223,5 +229,7 @@ def tagged(what: str, bind) -> str:
     """A NOTIFY payload: `what` (a kind, or a chat session's id) and its sender (origin), so the sender's
     own listener leaves it out: a worker's turn that queues an outbox message, or a chat POST that waits
     for its reply, was otherwise woken by its own commit, a pass or a read for nothing. A payload
-    without a sender (from a release before this one, during a rolling deploy) is passed on."""
+    without a sender (from a release before this one, during a rolling deploy) is passed on; a release
+    before this one takes a tagged payload for an unknown kind or session, so until every process runs
+    this one, its workers and waiting requests find such work on their idle tick or re-check."""
     return f"{what} {origin(bind)}"

@@ -355,6 +355,7 @@ def test_a_posted_message_reads_the_transcript_twice_once_under_lock_once_for_th
     chat = ChatClient(server.url)
     # the first waiting request starts the PostgreSQL listener, which wakes every waiter once it is in
     Poll(server.url, chat.session_id, chat.after, wait=1).messages(timeout=5)
+    time.sleep(1)  # it connects in milliseconds; this leaves it ample time
     reads = []
     event.listen(server.container.db.engine, "before_cursor_execute",
                  lambda conn, cursor, statement, *a: reads.append(statement)
@@ -365,3 +366,24 @@ def test_a_posted_message_reads_the_transcript_twice_once_under_lock_once_for_th
     assert server.container.worker.run_once() > 0
     assert [m["sender"] for m in post.messages(timeout=5)] == ["customer", "bot"]
     assert len(reads) == 2
+
+
+def test_every_container_on_one_database_hears_its_commits(sqlite_url, make_container):
+    """An engine's own listeners leave out the NOTIFYs it sends, so a second container built on the same
+    Database must be told by the commit hook too: each install adds its callback."""
+    from bot import wakeup
+    from recovery.db import Database
+    from recovery.models import ChatMessage, ChatSession
+
+    c = make_container(sqlite_url)  # migrated schema
+    db = Database(sqlite_url)
+    first, second = [], []
+    wakeup.install(db, lambda stored, chats: first.append(set(chats)))
+    wakeup.install(db, lambda stored, chats: second.append(set(chats)))
+    try:
+        with db.transaction() as s:
+            s.add(ChatSession(id="S-two", locale="en", created_at=c.clock.now()))
+            s.add(ChatMessage(session_id="S-two", sender="bot", text="hi", buttons=[], created_at=c.clock.now()))
+        assert first == second == [{"S-two"}]
+    finally:
+        db.dispose()

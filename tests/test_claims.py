@@ -364,8 +364,8 @@ def test_history_benchmark_runs_small(pg_server_url, tmp_path):
 
 def test_drain_benchmark_runs_small(pg_server_url, tmp_path):
     """benchmarks/drain.py end to end at a small size, with the Intercom channel configured (the handler's
-    prepare step): one and two real worker processes each drain the backlog, every message answered,
-    each conversation in order."""
+    prepare step): one and two real worker processes each drain the backlog, in the order 1, 2, 2, 1 (its
+    two rounds), every message answered, each conversation in order."""
     import json
     import subprocess
     import sys
@@ -379,6 +379,7 @@ def test_drain_benchmark_runs_small(pg_server_url, tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "ratio 2 workers ÷ 1:" in run.stdout
     results = json.loads(out.read_text())["results"]
-    assert [r["workers"] for r in results] == [1, 2]
+    assert [(r["round"], r["workers"]) for r in results] == [(0, 1), (0, 2), (1, 2), (1, 1)]
+    assert "each round: " in run.stdout
     for r in results:
         assert r["events"] == 24 and r["replies"] >= 24 and r["failed"] == 0 and r["out_of_order"] == 0
