@@ -5,8 +5,8 @@ POST /chat/api/sessions/{id}/messages {text[, client_id][, after[, wait]]}
                                              -> 202 {"accepted", "duplicate"[, "messages"]} (stored in the
      inbox; the worker replies). With "after": N, "messages" holds the transcript after N, this
      message's own (redacted) line included, as a poll would. With "wait": S as well (0 to 20 seconds)
-     and no reply among those lines yet, the answer waits for the next line, as a waiting poll does, so
-     the page needs no poll of its own for the reply.
+     and nothing yet after the customer's last line, the answer waits for the next line (the reply), as
+     a waiting poll does, so the page needs no poll of its own for the reply.
 GET  /chat/api/sessions/{id}/messages?after=N[&wait=S]
                                              -> {"messages": [{"seq", "sender", "text", "buttons"}]}
      wait=S (0 to 20 seconds, default 0): with nothing after N yet, answer when something is written,

@@ -14,27 +14,35 @@ import requests
 from tests.conftest import ChatClient
 
 
-class Poll(threading.Thread):
-    """One GET ...?after=&wait= in a thread of its own: its answer and how long it took."""
+class Request(threading.Thread):
+    """One request to a session's messages in a thread of its own: its answer and how long it took."""
+    method, expected, what = "GET", 200, "the poll"
 
-    def __init__(self, base: str, session_id: str, after: int, wait: int):
+    def __init__(self, base: str, session_id: str, **kwargs):
         super().__init__(daemon=True)
         self.url = f"{base}/chat/api/sessions/{session_id}/messages"
-        self.params = {"after": after, "wait": wait}
+        self.kwargs = kwargs
         self.response: requests.Response | None = None
         self.seconds: float | None = None
         self.start()
 
     def run(self):
         started = time.monotonic()
-        self.response = requests.get(self.url, params=self.params, timeout=30)
+        self.response = requests.request(self.method, self.url, timeout=30, **self.kwargs)
         self.seconds = time.monotonic() - started
 
     def messages(self, timeout: float) -> list[dict]:
         self.join(timeout)
-        assert not self.is_alive(), f"the poll did not answer within {timeout} s"
-        assert self.response.status_code == 200, self.response.text
+        assert not self.is_alive(), f"{self.what} did not answer within {timeout} s"
+        assert self.response.status_code == self.expected, self.response.text
         return self.response.json()["messages"]
+
+
+class Poll(Request):
+    """GET ...?after=&wait="""
+
+    def __init__(self, base: str, session_id: str, after: int, wait: int):
+        super().__init__(base, session_id, params={"after": after, "wait": wait})
 
 
 def waiting(waiters, count: int = 1, timeout: float = 5) -> None:
@@ -220,27 +228,13 @@ def test_a_commit_is_announced_once_when_it_commits_not_when_a_savepoint_is_rele
         db.dispose()
 
 
-class Post(threading.Thread):
-    """One POST .../messages with "after" and "wait", in a thread of its own: its answer and its time."""
+class Post(Request):
+    """POST .../messages with "after" and "wait"."""
+    method, expected, what = "POST", 202, "the POST"
 
     def __init__(self, base: str, session_id: str, text: str, after: int, wait: int, client_id: str | None = None):
-        super().__init__(daemon=True)
-        self.url = f"{base}/chat/api/sessions/{session_id}/messages"
         self.body = {"text": text, "after": after, "wait": wait} | ({"client_id": client_id} if client_id else {})
-        self.response: requests.Response | None = None
-        self.seconds: float | None = None
-        self.start()
-
-    def run(self):
-        started = time.monotonic()
-        self.response = requests.post(self.url, json=self.body, timeout=30)
-        self.seconds = time.monotonic() - started
-
-    def messages(self, timeout: float) -> list[dict]:
-        self.join(timeout)
-        assert not self.is_alive(), f"the POST did not answer within {timeout} s"
-        assert self.response.status_code == 202, self.response.text
-        return self.response.json()["messages"]
+        super().__init__(base, session_id, json=self.body)
 
 
 def test_a_posted_message_with_wait_answers_with_its_line_and_the_reply_once_written(any_db_url, live):

@@ -53,12 +53,18 @@ def test_web_chat_turn_takes_one_transaction_of_few_statements(make_container, a
     sid = "s" + uuid.uuid4().hex[:12]
     with c.db.transaction() as s:
         s.add(ChatSession(id=sid, locale="en", created_at=c.clock.now()))
-    assert inbox.store(c.db, source="webchat", delivery_key=f"webchat:{sid}:1", conversation_key=f"webchat:{sid}",
-                       now=c.clock.now(), payload={"session_id": sid, "text_enc": c.keyring.encrypt("what is 2fa?"),
-                                                   "ip": "127.0.0.1", "locale": "en"})
-    with Counted(c.db.engine) as counted:
-        assert inbox.process_one(c.db, c.worker.handler, c.clock.now)
-    _within(counted, WEBCHAT_TURN[c.db.engine.dialect.name])
+
+    def turn(n: int) -> Counted:
+        assert inbox.store(c.db, source="webchat", delivery_key=f"webchat:{sid}:{n}",
+                           conversation_key=f"webchat:{sid}", now=c.clock.now(),
+                           payload={"session_id": sid, "text_enc": c.keyring.encrypt("what is 2fa?"),
+                                    "ip": "127.0.0.1", "locale": "en"})
+        with Counted(c.db.engine) as counted:
+            assert inbox.process_one(c.db, c.worker.handler, c.clock.now)
+        _within(counted, WEBCHAT_TURN[c.db.engine.dialect.name])
+        return counted
+
+    turn(1)
     with c.db.transaction() as s:  # the reply is in the transcript, written by that same transaction
         replies = s.scalars(select(ChatMessage).where(ChatMessage.session_id == sid, ChatMessage.sender == "bot")).all()
     assert len(replies) == 1 and "2FA" in replies[0].text.upper()
@@ -66,12 +72,7 @@ def test_web_chat_turn_takes_one_transaction_of_few_statements(make_container, a
     # The next message of the same conversation, a minute later: within the same bound, and the
     # conversation row is updated once.
     clock.advance(minutes=1)
-    assert inbox.store(c.db, source="webchat", delivery_key=f"webchat:{sid}:2", conversation_key=f"webchat:{sid}",
-                       now=c.clock.now(), payload={"session_id": sid, "text_enc": c.keyring.encrypt("what is 2fa?"),
-                                                   "ip": "127.0.0.1", "locale": "en"})
-    with Counted(c.db.engine) as counted:
-        assert inbox.process_one(c.db, c.worker.handler, c.clock.now)
-    _within(counted, WEBCHAT_TURN[c.db.engine.dialect.name])
+    counted = turn(2)
     assert sum(st.startswith("UPDATE conversations") for st in counted.statements) == 1, counted.statements
 
 
