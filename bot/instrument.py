@@ -19,6 +19,10 @@ from recovery.models import Case, CaseCheck, ChatMessage
 from recovery.outbox import Outgoing, PermanentFailure
 
 _PENDING = "recoverybot_metrics_pending"
+_MARKS = "recoverybot_metrics_marks"  # savepoint -> how many counts were pending when it began
+# Set on a session by a sender whose delivery MeteredSender counts already (WebChatSender, which writes
+# an outbox-queued reply into the transcript): the line it writes is not counted a second time.
+METERED = "recoverybot_metered"
 _CHAT_LINES = ChatMessage.__tablename__
 
 
@@ -33,7 +37,8 @@ def observe_sessions(sessionmaker, metrics) -> None:
                 added = inspect(obj).attrs.result.history.added
                 if added and added[-1] != PENDING:
                     pending.append(("check", obj.name, added[-1]))
-            elif isinstance(obj, ChatMessage) and obj in session.new and obj.sender == "bot":
+            elif (isinstance(obj, ChatMessage) and obj in session.new and obj.sender == "bot"
+                  and not session.info.get(METERED)):
                 # a web-chat reply, written in the dialog's own transaction: delivered when it commits
                 pending.append(("out", "webchat", "sent"))
             elif isinstance(obj, Case):
@@ -46,15 +51,24 @@ def observe_sessions(sessionmaker, metrics) -> None:
     @event.listens_for(sessionmaker, "do_orm_execute")
     def _inserted(state):
         # web-chat replies written with a plain INSERT (bot/webchat.py), which no flush sees
-        if not state.is_insert or getattr(getattr(state.statement, "table", None), "name", None) != _CHAT_LINES:
+        if (not state.is_insert or state.session.info.get(METERED)
+                or getattr(getattr(state.statement, "table", None), "name", None) != _CHAT_LINES):
             return
         rows = state.parameters if isinstance(state.parameters, list) else [state.parameters]
         for row in rows:
             if isinstance(row, dict) and row.get("sender") == "bot":
                 state.session.info.setdefault(_PENDING, []).append(("out", "webchat", "sent"))
 
+    @event.listens_for(sessionmaker, "after_transaction_create")
+    def _began(session, transaction):
+        if transaction.nested:
+            session.info.setdefault(_MARKS, {})[transaction] = len(session.info.get(_PENDING, ()))
+
     @event.listens_for(sessionmaker, "after_commit")
     def _committed(session):
+        if session.in_nested_transaction():
+            return  # a savepoint's release (SQLAlchemy calls this hook for it too): nothing is committed yet
+        session.info.pop(_MARKS, None)
         for kind, name, value in session.info.pop(_PENDING, []):
             if kind == "check":
                 metrics.check(name, value)
@@ -64,8 +78,14 @@ def observe_sessions(sessionmaker, metrics) -> None:
                 metrics.failure(name, value)
 
     @event.listens_for(sessionmaker, "after_soft_rollback")
-    def _rolled_back(session, _previous):
-        session.info.pop(_PENDING, None)
+    def _rolled_back(session, previous):
+        mark = session.info.get(_MARKS, {}).pop(previous, None)
+        if previous.nested and mark is not None:
+            # a savepoint rolled back: only what was counted inside it is undone
+            del session.info.get(_PENDING, [])[mark:]
+        else:
+            session.info.pop(_PENDING, None)
+            session.info.pop(_MARKS, None)
 
 
 class MeteredSender:

@@ -56,7 +56,9 @@ class RetentionCollector:
         yield age
 
     def _read(self):
-        with self.db.transaction() as s:
+        # Only reads: on SQLite it takes no write turn, so a scrape never waits behind chat writes (nor, in
+        # a thread that holds the turn, on itself).
+        with self.db.reading() as s:
             runs, last_finished, *totals = s.execute(
                 select(func.count(PurgeRun.id), func.max(PurgeRun.finished_at),
                        *(func.coalesce(func.sum(getattr(PurgeRun, k)), 0) for k in retention.KINDS))

@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from bot import wakeup
 from bot.chatwait import MAX_WAIT
 from bot.http import ApiError, json_body, storable_text
+from bot.instrument import METERED
 from recovery import inbox
 from recovery.db import is_outage
 from recovery.redact import redact_text
@@ -291,6 +292,7 @@ class WebChatSender:
         p = message.payload
         try:
             with self.db.transaction() as s:
+                s.info[METERED] = True  # MeteredSender counts this delivery; the line is not counted again
                 # an outbox message can be sent twice (a lease that ran out mid-send): once is enough
                 if s.scalar(select(ChatMessage.seq).where(ChatMessage.source_key == message.idempotency_key)):
                     return
