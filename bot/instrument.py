@@ -14,6 +14,7 @@ from sqlalchemy import event, inspect
 from structlog.contextvars import unbind_contextvars
 
 from bot.logs import bind_case
+from bot.wakeup import inserted
 from recovery.checks import PENDING
 from recovery.models import Case, CaseCheck, ChatMessage
 from recovery.outbox import Outgoing, PermanentFailure
@@ -51,12 +52,11 @@ def observe_sessions(sessionmaker, metrics) -> None:
     @event.listens_for(sessionmaker, "do_orm_execute")
     def _inserted(state):
         # web-chat replies written with a plain INSERT (bot/webchat.py), which no flush sees
-        if (not state.is_insert or state.session.info.get(METERED)
-                or getattr(getattr(state.statement, "table", None), "name", None) != _CHAT_LINES):
+        table, rows = inserted(state)
+        if table != _CHAT_LINES or state.session.info.get(METERED):
             return
-        rows = state.parameters if isinstance(state.parameters, list) else [state.parameters]
         for row in rows:
-            if isinstance(row, dict) and row.get("sender") == "bot":
+            if row.get("sender") == "bot":
                 state.session.info.setdefault(_PENDING, []).append(("out", "webchat", "sent"))
 
     @event.listens_for(sessionmaker, "after_transaction_create")

@@ -93,19 +93,25 @@ def _note_inserted(state) -> None:
     # read here. A duplicate that inserts nothing still notifies: the worker then finds nothing new, which
     # costs one empty pass. (A chat INSERT with .values() instead would wake nobody: waiting requests
     # would see its line on their re-check.)
-    if not state.is_insert:
-        return
-    table = getattr(getattr(state.statement, "table", None), "name", None)
+    table, rows = inserted(state)
     if table == InboxEvent.__tablename__:
         _stored(state.session).add(INBOX)
         return
+    if table == OutboxMessage.__tablename__:  # without its row, an outbox message of any kind but email
+        _stored(state.session).update({EMAIL if row.get("kind") == "email" else OUTBOX for row in rows} or {OUTBOX})
+    elif table == ChatMessage.__tablename__:
+        _chats(state.session).update(row["session_id"] for row in rows if isinstance(row.get("session_id"), str))
+
+
+def inserted(state) -> tuple[str | None, list[dict]]:
+    """For a do_orm_execute hook: the table an INSERT statement writes and the rows it was given as
+    parameters (one, or a list of them; none for an INSERT with .values()); (None, []) for any other
+    statement."""
+    if not state.is_insert:
+        return None, []
+    table = getattr(getattr(state.statement, "table", None), "name", None)
     rows = state.parameters if isinstance(state.parameters, list) else [state.parameters]
-    for row in rows:
-        row = row if isinstance(row, dict) else {}
-        if table == OutboxMessage.__tablename__:
-            _stored(state.session).add(EMAIL if row.get("kind") == "email" else OUTBOX)
-        elif table == ChatMessage.__tablename__ and isinstance(row.get("session_id"), str):
-            _chats(state.session).add(row["session_id"])
+    return table, [row for row in rows if isinstance(row, dict)]
 
 
 def _notify(session) -> None:
