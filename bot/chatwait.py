@@ -7,8 +7,8 @@ inside the transaction that stores its message.
 Who wakes a waiting poll: a transaction that writes chat messages wakes the polls of those sessions
 waiting in its own process once it has committed (bot/wakeup.py). For messages written by another
 process (gunicorn's web processes beside a worker process):
-- on PostgreSQL the transaction also sends NOTIFY recoverybot_chat '<session id>', which a listener
-  here passes on;
+- on PostgreSQL the transaction also sends NOTIFY recoverybot_chat '<session id> <sender>', which a
+  listener here passes on unless this engine sent it (bot/wakeup.py: the commit hook told it already);
 - on SQLite, which has no NOTIFY, a thread here reads `PRAGMA data_version` every TICK seconds while
   polls wait (it changes when another connection commits), and on a change asks once which waiting
   sessions have something new.

@@ -245,6 +245,9 @@ _PAGE = (select(ChatSession.id, ChatMessage.seq, ChatMessage.sender, ChatMessage
 # flush cost the route a third more CPU, and on SQLite that time is spent holding the one write lock.
 _LOCK = select(ChatSession.locale).where(ChatSession.id == bindparam("session_id")).with_for_update()
 _ADD_LINE = insert(ChatMessage.__table__)  # bot/wakeup.py notes the session from its parameters
+# The worker's lock on PostgreSQL, with the NOTIFY for the session's waiting requests (WebChatTranscript).
+_LOCK_AND_NOTIFY = (select(ChatSession.id, func.pg_notify(wakeup.CHAT_CHANNEL, bindparam("payload")))
+                    .where(ChatSession.id == bindparam("session_id")).with_for_update())
 
 
 def _buttons(renderer, locale: str, keys) -> list[dict]:
@@ -267,10 +270,8 @@ class WebChatTranscript:
             # The lock: see post_message (SQLite's writers already run one at a time). The same statement
             # queues the NOTIFY that wakes this session's waiting polls in other processes (PostgreSQL
             # sends it at commit), so the turn needs no statement of its own for it.
-            session.execute(select(ChatSession.id,
-                                   func.pg_notify(wakeup.CHAT_CHANNEL,
-                                                  wakeup.tagged(session_id, session.get_bind())))
-                            .where(ChatSession.id == session_id).with_for_update())
+            session.execute(_LOCK_AND_NOTIFY,
+                            {"session_id": session_id, "payload": wakeup.tagged(session_id, session.get_bind())})
             wakeup.announced(session, session_id)
         # A plain INSERT, as the route's: a unit-of-work flush of the line cost the turn a tenth of its time.
         # Nothing it writes depends on what the turn has pending, so it does not flush that first: one
